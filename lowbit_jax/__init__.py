@@ -1,0 +1,16 @@
+"""lowbit_jax: low-bit number formats (OCP MX, NVFP4, grouped integers, block FP8) for JAX.
+
+>>> import jax.numpy as jnp, lowbit_jax as lb
+>>> q = lb.quantize(jnp.linspace(-1, 1, 64), "mxfp4")
+>>> y = lb.dequantize(q)
+"""
+
+from lowbit_jax.formats import ELEMENTS, ElementType, Format, formats, get_format, register_format
+from lowbit_jax.qarray import QArray
+from lowbit_jax.quantize import dequantize, quantize
+
+__all__ = [
+    "ELEMENTS", "ElementType", "Format", "QArray", "dequantize", "formats", "get_format", "quantize",
+    "register_format",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,232 @@
+"""`quantize` and `dequantize`: jit-compiled grouped quantization for every format (REFERENCE sections 2-3)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax import elements, packing, scales
+from lowbit_jax.formats import Format, get_format
+from lowbit_jax.qarray import QArray
+
+__all__ = ["quantize", "dequantize"]
+
+
+def _blocked_axes(fmt: Format, ndim: int, axis: int) -> tuple[int, ...]:
+  """Non-negative blocked axes: `axis`, and for 2-D blocks the axis before it."""
+  if not isinstance(axis, (int, np.integer)):
+    raise TypeError(f"axis must be an int, got {type(axis).__name__}.")
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"axis {axis} is out of range for an input of rank {ndim}.")
+  axis = int(axis) % ndim
+  nb = 1 if fmt.block is None else len(fmt.block)
+  if axis - nb + 1 < 0:
+    raise ValueError(f"format {fmt.name!r} blocks {nb} axes ending at axis {axis}; the input has rank {ndim}.")
+  return tuple(range(axis - nb + 1, axis + 1))
+
+
+def _block_sizes(fmt: Format, shape, axes) -> tuple[int, ...]:
+  return tuple(shape[a] for a in axes) if fmt.block is None else fmt.block
+
+
+def _pad_to(shape, axes, multiples) -> tuple[int, ...]:
+  """`shape` with each of `axes` rounded up to a multiple of the matching entry of `multiples`."""
+  s = list(shape)
+  for a, m in zip(axes, multiples):
+    s[a] = -(-s[a] // m) * m
+  return tuple(s)
+
+
+def _split_blocks(x, axes, sizes):
+  """Reshapes so that each blocked axis a becomes (a / size, size); returns the array and the size axes."""
+  shape, red, offset = [], [], 0
+  for i, n in enumerate(x.shape):
+    if i in axes:
+      b = sizes[axes.index(i)]
+      shape += [n // b, b]
+      red.append(i + offset + 1)
+      offset += 1
+    else:
+      shape.append(n)
+  return x.reshape(shape), tuple(red)
+
+
+def _quantize(x, key, tensor_scale, *, fmt: Format, axes, scale_mode, rounding):
+  el = fmt.element_type
+  dtype = x.dtype
+  logical = x.shape
+  x = x.astype(jnp.float32)
+  g = None
+  if fmt.tensor_scale:
+    g = scales.nvfp4_tensor_scale(x, el) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
+  elif fmt.rule == "nvfp4":
+    g = jnp.float32(1.0)
+  sizes = _block_sizes(fmt, logical, axes)
+  block_padded = _pad_to(logical, axes, sizes)
+  # Padding up to a whole packing group lies past the last block (it matters for per-channel int4 only).
+  padded = _pad_to(block_padded, axes[-1:], [packing.codes_per_group(el.bits)])
+  x = jnp.pad(x, [(0, p - n) for p, n in zip(block_padded, logical)])
+  xb, red = _split_blocks(x, axes, sizes)
+  u = None
+  if rounding == "stochastic":
+    u = jax.random.uniform(key, xb.shape, jnp.float32)
+  q, scale, zero_point = scales.quantize_blocks(xb, red, fmt, scale_mode, g, u)
+  q = q.reshape(block_padded)
+  scale = scale.reshape([s for i, s in enumerate(scale.shape) if i not in red])
+  if zero_point is not None:
+    zero_point = zero_point.reshape(scale.shape)
+  q = jnp.pad(q, [(0, p - n) for p, n in zip(padded, block_padded)])
+  data = _codes(q, fmt, axes[-1])
+  return QArray(data, scale, g if fmt.tensor_scale else None, zero_point, format=fmt,
+                axis=axes[-1] - len(logical), lengths=tuple(logical[a] for a in axes), dtype=dtype)
+
+
+def _codes(q, fmt: Format, axis):
+  """Storage of grid values `q` (DESIGN.md): native float8, int8/uint8, or packed sub-byte codes."""
+  el = fmt.element_type
+  if el.kind == "float":
+    if el.bits == 8:
+      return q.astype(el.storage_dtype)
+    return packing.pack(elements.encode(q, el), el.bits, axis)
+  if fmt.rule == "mx":  # fixed point 1.(bits-2) to integer codes
+    q = elements.ldexp(q, el.mantissa)
+  if el.bits == 8:
+    return q.astype(jnp.uint8 if fmt.zero_point else jnp.int8)
+  return packing.pack((q.astype(jnp.int32) & 0xF).astype(jnp.uint8), el.bits, axis)
+
+
+def _element_values(q: QArray) -> jax.Array:
+  """float32 element values (grid units) of the padded tensor."""
+  fmt, el = q.format, q.format.element_type
+  if el.kind == "float":
+    if el.bits == 8:
+      return q.data.astype(jnp.float32)
+    return elements.decode(packing.unpack(q.data, el.bits, q.axis), el)
+  c = packing.unpack(q.data, el.bits, q.axis).astype(jnp.int32)
+  if el.bits == 4 and not fmt.zero_point:
+    c = (c ^ 8) - 8  # sign-extend the nibble
+  v = c.astype(jnp.float32)
+  return elements.ldexp(v, -el.mantissa) if fmt.rule == "mx" else v
+
+
+def _dequantize(q: QArray, dtype):
+  fmt = q.format
+  axes = q.blocked_axes
+  v = _element_values(q)
+  sizes = _block_sizes(fmt, q.shape, axes)
+  v = jax.lax.slice(v, [0] * v.ndim, _pad_to(q.shape, axes, sizes))
+  vb, red = _split_blocks(v, axes, sizes)
+  s = jnp.expand_dims(q.scale, red)
+  if fmt.rule == "mx":
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint8).astype(jnp.int32)
+    out = jnp.where(bits == 255, jnp.nan, elements.ldexp(vb, bits - 127))
+  else:
+    sf = s.astype(jnp.float32)
+    if fmt.zero_point:
+      out = sf * (vb - jnp.expand_dims(q.zero_point, red).astype(jnp.float32))
+    elif fmt.tensor_scale:
+      out = vb * sf * q.tensor_scale
+    else:
+      out = vb * sf
+  out = out.reshape(v.shape)
+  out = jax.lax.slice(out, [0] * out.ndim, q.shape)
+  return out.astype(dtype)
+
+
+_quantize_jit = jax.jit(_quantize, static_argnames=("fmt", "axes", "scale_mode", "rounding"))
+_dequantize_jit = jax.jit(_dequantize, static_argnames=("dtype",))
+
+
+def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
+             scale_mode: Literal["floor", "ceil", "even", "rceil"] | None = None,
+             rounding: Literal["nearest", "stochastic"] = "nearest", key: jax.Array | None = None,
+             tensor_scale: jax.Array | float | None = None) -> QArray:
+  """Quantizes `x` into blocks along `axis` (2-D block formats: the axis before it too).
+
+  Computes in float32 and rounds each element with its block's scale as stored (REFERENCE section 2), so
+  `dequantize(quantize(x))` is exactly what a kernel reading the stored bits sees. A ragged block axis is
+  zero-padded to whole blocks; the logical shape is kept.
+
+  Args:
+    x: a floating array of any rank (bf16, f16, f32, ...).
+    fmt: a format name from `lowbit_jax.formats()` or a `lowbit_jax.Format`.
+    axis: the block axis (the contraction axis of a matmul operand).
+    scale_mode: MX (E8M0-scaled) formats only: `floor` (OCP, default), `ceil`, `even` or `rceil`.
+    rounding: `nearest` (ties to even) or `stochastic` (needs `key`).
+    key: a `jax.random` key for stochastic rounding.
+    tensor_scale: formats with a tensor scale (NVFP4) only: a positive finite float32 g (static calibration);
+      computed from `x` when None.
+
+  Returns:
+    A `QArray`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lowbit_jax as lb
+    >>> x = jnp.array([[0.1, -2.0, 3.3, 500.0] * 8])
+    >>> q = lb.quantize(x, "mxfp4")
+    >>> q.scale.astype(jnp.float32)
+    Array([[64.]], dtype=float32)
+    >>> lb.dequantize(q)[0, :4]
+    Array([  0., -0.,   0., 384.], dtype=float32)
+  """
+  fmt = get_format(fmt)
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    x = jnp.asarray(x)
+    dtype = x.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"quantize: x must be a floating array (bfloat16, float16, float32), got dtype {dtype}.")
+  axes = _blocked_axes(fmt, len(np.shape(x)), axis)
+  if scale_mode is None:
+    scale_mode = "floor"
+  elif fmt.rule != "mx":
+    raise ValueError(f"quantize: scale_mode applies to MX (E8M0-scaled) formats only; format {fmt.name!r} has "
+                     f"{fmt.scale} scales. Leave scale_mode=None.")
+  if scale_mode not in scales.SCALE_MODES:
+    raise ValueError(f"quantize: scale_mode must be one of {scales.SCALE_MODES}, got {scale_mode!r}.")
+  if rounding not in ("nearest", "stochastic"):
+    raise ValueError(f"quantize: rounding must be 'nearest' or 'stochastic', got {rounding!r}.")
+  if rounding == "stochastic" and key is None:
+    raise ValueError("quantize: rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed).")
+  if rounding == "nearest":
+    key = None
+  if tensor_scale is not None:
+    tensor_scale = _check_tensor_scale(tensor_scale, fmt)
+  return _quantize_jit(x, key, tensor_scale, fmt=fmt, axes=axes, scale_mode=scale_mode, rounding=rounding)
+
+
+def _check_tensor_scale(g, fmt: Format):
+  if not fmt.tensor_scale:
+    raise ValueError(f"quantize: format {fmt.name!r} has no tensor scale; leave tensor_scale=None.")
+  if isinstance(g, (int, float)):
+    g = np.float32(g)
+  if np.shape(g) != () or np.dtype(getattr(g, "dtype", np.float32)) != np.float32:
+    raise ValueError(f"quantize: tensor_scale must be a float32 scalar, got shape {np.shape(g)} and dtype "
+                     f"{getattr(g, 'dtype', type(g).__name__)}.")
+  if not isinstance(g, jax.core.Tracer) and not (np.isfinite(g) and g > 0):
+    raise ValueError(f"quantize: tensor_scale must be positive and finite, got {float(g)}.")
+  return g
+
+
+def dequantize(q: QArray, dtype=None) -> jax.Array:
+  """The values a QArray stands for, as an array of its logical shape.
+
+  Computes in float32 (MX: q * 2^e; NVFP4: (q * s_b) * g; integers: s * (q - z); block FP8: q * s) and casts
+  to `dtype` (default: the dtype that was quantized).
+
+  >>> import jax.numpy as jnp, lowbit_jax as lb
+  >>> q = lb.quantize(jnp.arange(8.0), "mxint8")
+  >>> lb.dequantize(q, jnp.float32)
+  Array([0., 1., 2., 3., 4., 5., 6., 7.], dtype=float32)
+  """
+  if not isinstance(q, QArray):
+    raise TypeError(f"dequantize: q must be a QArray (from lowbit_jax.quantize), got {type(q).__name__}.")
+  dtype = q.dtype if dtype is None else np.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}.")
+  return _dequantize_jit(q, dtype)

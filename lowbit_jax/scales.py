@@ -1,0 +1,133 @@
+"""Block scale rules (REFERENCE section 2): each computes stored scales from block statistics and the element
+values in grid units.
+
+Every rule takes float32 `x` reshaped so that each block's elements lie along `red` (reduced axes, kept as size-1
+dims in the results) and returns `(q, scale, zero_point)`: `q` the element values on the element grid (float32,
+integers for grouped-int rules), `scale` in its storage dtype, `zero_point` or None. Element rounding is
+`round(t)` or, stochastic, `floor(t + u)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from lowbit_jax import elements
+from lowbit_jax.formats import ElementType, Format
+
+__all__ = ["SCALE_MODES", "mx", "nvfp4", "absmax", "asym", "nvfp4_tensor_scale"]
+
+SCALE_MODES = ("floor", "ceil", "even", "rceil")
+_E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+
+
+def _round(t, u):
+  return jnp.round(t) if u is None else jnp.floor(t + u)
+
+
+def _amax(x, red):
+  """max |x| over each block; NaN if the block holds a NaN, +Inf if it holds an Inf."""
+  return jnp.max(jnp.abs(x), axis=red, keepdims=True)
+
+
+def _mantissa(a: float) -> float:
+  """The significand of a positive float in [1, 2)."""
+  return float(np.frexp(a)[0] * 2)
+
+
+def mx(x, red, el: ElementType, mode: str, u=None):
+  """MX: one E8M0 power-of-two scale 2^e per block, e by `mode` (floor, ceil, even, rceil), clamped to
+  [-127, 127]; elements round onto the element grid of x * 2^-e."""
+  amax = _amax(x, red)
+  finite = jnp.isfinite(amax)
+  a = jnp.where(finite & (amax > 0), amax, 1.0)
+  fl = elements.floor_log2(a)
+  sig = elements.ldexp(a, -fl)  # amax = sig * 2^fl, sig in [1, 2)
+  if mode == "floor":
+    up = False
+  elif mode == "ceil":
+    up = sig > 1
+  elif mode == "even":  # amax rounded to the element's mantissa width carries into the next binade
+    up = jnp.round(elements.ldexp(sig, el.mantissa)) >= 2 ** (el.mantissa + 1)
+  elif mode == "rceil":  # smallest e with amax <= max * 2^e, compared exactly on significands
+    up = sig > _mantissa(el.max)
+  else:
+    raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {mode!r}.")
+  e = fl + jnp.asarray(up, jnp.int32) - el.emax
+  e = jnp.where(amax > 0, jnp.clip(e, -127, 127), -127)
+  bits = jnp.where(finite, e + 127, 255).astype(jnp.uint8)
+  scale = jax.lax.bitcast_convert_type(bits, jnp.float8_e8m0fnu)
+  q = jnp.where(finite, elements.round_to_grid(elements.ldexp(x, -e), el, u), 0.0)
+  return q, scale, None
+
+
+def nvfp4_tensor_scale(x, el: ElementType) -> jax.Array:
+  """NVFP4's g = amax / (448 * max_element) over the finite values of x; 1 if that amax is 0."""
+  amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0))
+  g = amax / jnp.float32(_E4M3_MAX * el.max)
+  return jnp.where(amax > 0, g, 1.0).astype(jnp.float32)
+
+
+def nvfp4(x, red, el: ElementType, g, u=None):
+  """NVFP4: E4M3 block scale s = e4m3(min(amax / max_element / g, 448)); elements x / (s * g)."""
+  amax = _amax(x, red)
+  s = jnp.minimum(amax / el.max / g, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+  sf = s.astype(jnp.float32)
+  ok = jnp.isfinite(sf) & (sf > 0)
+  y = x / (sf * g)
+  q = jnp.where(ok, elements.round_to_grid(jnp.where(ok, y, 0.0), el, u), 0.0)
+  q = jnp.where(jnp.isfinite(amax), jnp.copysign(q, x), 0.0)  # zero-scale blocks keep signed zeros
+  return q, s, None
+
+
+def absmax(x, red, el: ElementType, scale_dtype, u=None):
+  """Symmetric absmax: s = amax / max_element stored in `scale_dtype`; elements x / s (the stored s).
+
+  Float elements (block FP8) take s = 1 for an all-zero block; integer elements a zero scale and zero codes.
+  """
+  amax = _amax(x, red)
+  top = el.max if el.kind == "float" else el.int_max
+  s = amax / jnp.float32(top)
+  if el.kind == "float":
+    s = jnp.where(amax == 0, 1.0, s)
+  s = s.astype(scale_dtype)
+  sf = s.astype(jnp.float32)
+  ok = jnp.isfinite(sf) & (sf > 0)
+  y = jnp.where(ok, x / jnp.where(ok, sf, 1.0), 0.0)
+  if el.kind == "float":
+    q = jnp.copysign(jnp.where(ok, elements.round_to_grid(y, el, u), 0.0), x)
+  else:
+    q = jnp.clip(_round(y, u), -el.int_max, el.int_max)
+  return jnp.where(jnp.isfinite(amax), q, 0.0), s, None
+
+
+def asym(x, red, el: ElementType, scale_dtype, u=None):
+  """Asymmetric integers: the range [min(x, 0), max(x, 0)] over 2^b - 1 steps; zero point
+  z = clamp(round(-lo / s)), codes q = clamp(round(x / s) + z, 0, 2^b - 1), both with the stored s."""
+  top = 2 ** el.bits - 1
+  lo = jnp.minimum(jnp.min(x, axis=red, keepdims=True), 0.0)
+  hi = jnp.maximum(jnp.max(x, axis=red, keepdims=True), 0.0)
+  s = ((hi - lo) / jnp.float32(top)).astype(scale_dtype)
+  sf = s.astype(jnp.float32)
+  ok = jnp.isfinite(sf) & (sf > 0)
+  sd = jnp.where(ok, sf, 1.0)
+  z = jnp.where(ok, jnp.clip(jnp.round(-lo / sd), 0, top), 0.0)
+  q = jnp.where(ok, jnp.clip(_round(x / sd, u) + z, 0, top), 0.0)
+  finite = jnp.isfinite(lo) & jnp.isfinite(hi)  # NaN/Inf blocks: NaN scale (from hi - lo), zero codes
+  s = jnp.where(finite, s, jnp.asarray(jnp.nan, scale_dtype))
+  return q, s, z.astype(scale_dtype)
+
+
+def quantize_blocks(x, red, fmt: Format, mode: str, g, u):
+  """Dispatches to the rule of `fmt` (see `Format.rule`)."""
+  el = fmt.element_type
+  if fmt.rule == "mx":
+    return mx(x, red, el, mode, u)
+  if fmt.rule == "nvfp4":
+    return nvfp4(x, red, el, g, u)
+  scale_dtype = jnp.dtype(fmt.scale)
+  if fmt.rule == "asym":
+    return asym(x, red, el, scale_dtype, u)
+  return absmax(x, red, el, scale_dtype, u)
