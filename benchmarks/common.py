@@ -1,0 +1,38 @@
+"""Shared harness for the GPU benchmarks: device facts, a copy-bandwidth baseline, and timing of several
+independent calls inside one jitted program (so launch gaps, not Python dispatch, separate the kernels, and
+rotating weight sets keep them out of L2)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lowbit_jax.timing import bench
+
+BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (REFERENCE section 4)
+
+
+def header() -> str:
+  d = jax.devices()[0]
+  return (f"device: {d.device_kind} ({d.platform}), JAX {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}")
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+  """Bytes/s of a device read + write pass (negation of a 1 GiB bf16 array)."""
+  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.float32).astype(jnp.bfloat16)
+  t = bench(jax.jit(jnp.negative), x)
+  return 2 * nbytes / t
+
+
+def time_calls(fn: Callable, xs: Sequence, ws: Sequence) -> float:
+  """Seconds per call of fn(x, w): all len(xs) calls unrolled in one jit, call i on (xs[i], ws[i % len(ws)]).
+
+  The xs are distinct arrays so no two calls are common subexpressions; cycling over several weight sets keeps
+  weights that would fit in L2 from being read from it.
+  """
+  f = jax.jit(lambda xs, ws: [fn(x, ws[i % len(ws)]) for i, x in enumerate(xs)])
+  return bench(f, list(xs), list(ws), iters=5) / len(xs)

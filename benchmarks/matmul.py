@@ -1,0 +1,107 @@
+"""Weight-only quantized matmul on the GPU against XLA's own paths, measured in the same run.
+
+For each (N, K) weight shape, activation rows M and weight format: the Pallas kernel's time, TFLOP/s, GB/s and
+fraction of the roofline floor (REFERENCE section 4, bandwidth from a device copy timed in this run), and speed-ups
+over XLA bf16 `jnp.dot`, XLA dequantize-then-dot and (mxfp8) `jax.nn.scaled_dot_general`.
+
+Usage:
+  python benchmarks/matmul.py [--shapes 8192x8192,28672x8192] [--ms 1,16,64] [--formats mxfp4,int4_g128_sym]
+  python benchmarks/matmul.py --sweep 16:64:256:4:4,16:128:128:4:3 ...   # time kernel tile configs instead
+Shapes are N x K (output features x input features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+
+import lowbit_jax as lb
+from benchmarks.common import BF16_PEAK, copy_bandwidth, header, time_calls
+from pallas_kernels import Config, dequant_matmul
+
+DEFAULT_FORMATS = ("mxfp4,nvfp4,int4_g128_sym,int4_g128_asym,int4_g32_sym,mxfp6_e2m3,mxfp6_e3m2,mxfp8_e4m3,"
+                   "mxfp8_e5m2,int8_channel_sym")
+L2_BYTES = 50 << 20
+
+
+def _weight_sets(n, k, nbytes_each, make):
+  """Enough independent weight sets that cycling over them reads at least 3x the L2 from memory."""
+  count = min(4, max(2, math.ceil(3 * L2_BYTES / nbytes_each)))
+  return [make(jax.random.key(100 + i)) for i in range(count)]
+
+
+def _xs(m, k):
+  reps = 8 if m <= 256 else 2
+  return [jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(jnp.bfloat16) for i in range(reps)]
+
+
+def _sdg(x, w_nk):
+  cfg = jax.nn.get_scaled_dot_general_config("mxfp8")
+  return jax.nn.scaled_dot_general(x, w_nk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16,
+                                   configs=[cfg, cfg, cfg])
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672")
+  p.add_argument("--ms", default="1,16,64,256,2048,8192")
+  p.add_argument("--formats", default=DEFAULT_FORMATS)
+  p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages,... to time kernel configs")
+  p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
+  args = p.parse_args()
+  bw = copy_bandwidth()
+  print(header())
+  print(f"device copy: {bw / 1e9:.0f} GB/s; floor = max(bytes / copy bandwidth, 2MNK / {BF16_PEAK / 1e12:.0f} "
+        "TFLOP/s); speed-ups are XLA time / kernel time from this run\n")
+  sweep = [Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
+  if sweep:
+    print("| format | M | N | K | bm:bn:bk:warps:stages | us | of floor |")
+    print("|---|---|---|---|---|---|---|")
+  else:
+    print("| format | M | N | K | kernel us | TFLOP/s | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
+          "vs scaled_dot_general |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for shape in args.shapes.split(","):
+    n, k = map(int, shape.split("x"))
+    bf16_ws = _weight_sets(n, k, 2 * n * k,
+                           lambda key: (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
+    for m in map(int, args.ms.split(",")):
+      xs = _xs(m, k)
+      t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
+      t_sdg = None
+      for name in args.formats.split(","):
+        qws = _weight_sets(n, k, n * k, lambda key, name=name: lb.quantize(
+            (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16), name, axis=0))
+        nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
+        floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)
+        if sweep:
+          for cfg in sweep:
+            try:
+              t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
+                  x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
+              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages} | "
+                    f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
+            except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
+              print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)
+          continue
+        t_k = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, qws)
+        t_x = time_calls(lambda x, w: lb.matmul(x, w, backend="xla"), xs, qws)
+        sdg = ""
+        if name.startswith("mxfp8_e4m3"):
+          if t_sdg is None:
+            try:
+              t_sdg = time_calls(_sdg, xs, [jnp.transpose(w) for w in bf16_ws])
+            except Exception as e:  # not lowered on every platform (e.g. CPU)
+              t_sdg = f"n/a ({type(e).__name__})"
+          sdg = f"{t_sdg / t_k:.2f}x" if isinstance(t_sdg, float) else t_sdg
+        print(f"| {name} | {m} | {n} | {k} | {t_k * 1e6:.1f} | {2 * m * n * k / t_k / 1e12:.1f} | "
+              f"{nbytes / t_k / 1e9:.0f} | {floor / t_k:.2f} | {t_bf16 / t_k:.2f}x | {t_x / t_k:.2f}x | {sdg} |",
+              flush=True)
+        del qws
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,5 @@
+"""GPU kernels for lowbit_jax, written in Pallas. Backend-specific calls live in `backend.py` only."""
+
+from pallas_kernels.dequant_matmul import Config, dequant_matmul
+
+__all__ = ["Config", "dequant_matmul"]

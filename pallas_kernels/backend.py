@@ -1,0 +1,50 @@
+"""The seam between kernels and the backends that compile them.
+
+Every backend-specific call (Pallas with the Triton lowering today; jax_triton and Mosaic GPU later) goes through
+this module, so kernels are written once against `call` and dispatch picks a backend per format and shape.
+
+Backends:
+  `triton`: Pallas lowered through Triton (NVIDIA GPUs).
+  `interpret`: the same kernel run by Pallas's interpreter on any device (tests on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+from jax.experimental import pallas as pl
+
+__all__ = ["BACKENDS", "call", "dot", "gpu_available"]
+
+BACKENDS = ("triton", "interpret")
+
+
+def _compiler_params(num_warps: int, num_stages: int) -> Any:
+  # JAX 0.10 and 0.11 both expose the Triton params here; older names are not supported.
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs, num_warps: int = 4,
+         num_stages: int = 3, name: str | None = None) -> Callable:
+  """`pl.pallas_call` for `backend` (one of BACKENDS)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+  interpret = backend == "interpret"
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, interpret=interpret,
+      compiler_params=None if interpret else _compiler_params(num_warps, num_stages), name=name)
+
+
+def dot(a, b):
+  """In-kernel a @ b (float32 result for 16-bit operands)."""
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.dot(a, b)
+
+
+@functools.cache
+def gpu_available() -> bool:
+  """Whether the default JAX backend is an NVIDIA GPU the Triton backend can compile for."""
+  return jax.default_backend() == "gpu"

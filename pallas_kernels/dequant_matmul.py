@@ -1,0 +1,183 @@
+"""Weight-only quantized matmul: y = x @ dequantize(w), decoding packed weights in registers.
+
+Layouts: `x` is (M, K) bfloat16 or float16; `w` is a QArray of logical shape (K, N) blocked along K (axis 0), in
+the canonical storage of REFERENCE section 3: packed codes (K * bits / 8, N), scales (K / G, N) for groups of
+G along K (per-channel: (1, N)). One program computes a (BM, BN) output tile and loops over K in steps of BK.
+
+Packing groups hold P codes of consecutive k (two nibbles of a byte; four 6-bit codes in three bytes), so a K step
+is P sub-products: the codes at position j of every group (k = k0 + P*r + j) meet the activations loaded with
+stride P from column k0 + j. No shuffle of the weights is needed, and each group's scale row is broadcast over
+its G / P rows of each sub-tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lowbit_jax.formats import Format
+from lowbit_jax.qarray import QArray
+from pallas_kernels import backend as _backend
+from pallas_kernels import decode
+
+__all__ = ["Config", "dequant_matmul", "supports", "default_config", "k_multiple"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tile sizes and launch parameters. BK is in elements of K; all sizes are powers of two."""
+  bm: int
+  bn: int
+  bk: int
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+def supports(fmt: Format) -> str | None:
+  """None if the kernel handles `fmt`, else the reason it does not."""
+  if fmt.block is not None and len(fmt.block) != 1:
+    return f"{fmt.name}: 2-D blocks are not a weight-only format"
+  if fmt.element_type.bits not in (4, 6, 8):
+    return f"{fmt.name}: {fmt.element_type.bits}-bit elements"
+  if fmt.block is not None and (fmt.block[0] & (fmt.block[0] - 1) or fmt.block[0] < 16):
+    return f"{fmt.name}: block size {fmt.block[0]} is not a power of two >= 16"
+  return None
+
+
+def default_config(m: int, n: int, k: int, fmt: Format) -> Config:
+  """Tiles by regime of M (rows of the activation); see BENCHMARKS.md for how they were chosen."""
+  p = decode.codes_per_group(fmt.element_type)
+  if m <= 16:
+    cfg = Config(16, 64, 256, num_warps=4, num_stages=4)
+  elif m <= 64:
+    cfg = Config(64, 64, 128, num_warps=4, num_stages=4)
+  elif m <= 256:
+    cfg = Config(128, 128, 64, num_warps=4, num_stages=4)
+  else:
+    cfg = Config(128, 256, 64, num_warps=8, num_stages=3)
+  return fit_config(cfg, k, p)
+
+
+def k_multiple(fmt: Format) -> int:
+  """The kernel walks K in steps with >= 16 rows per sub-product (the smallest MMA), so K is padded to a
+  multiple of 16 * P (and of the group size)."""
+  p = decode.codes_per_group(fmt.element_type)
+  return max(16 * p, fmt.block[0] if fmt.block else 1)
+
+
+def fit_config(cfg: Config, k: int, p: int) -> Config:
+  """Shrinks BK to a power of two dividing `k` (a multiple of `k_multiple`)."""
+  bk = cfg.bk
+  while k % bk:
+    bk //= 2
+  return dataclasses.replace(cfg, bk=bk)
+
+
+def _kernel(*refs, fmt: Format, group: int, cfg: Config, k_total: int, has_zero: bool, has_g: bool,
+            post: float):
+  x_ref, w_ref, s_ref = refs[:3]
+  z_ref = refs[3] if has_zero else None
+  g_ref = refs[3 + has_zero] if has_g else None
+  o_ref = refs[-1]
+  el = fmt.element_type
+  p, b = decode.codes_per_group(el), decode.bytes_per_group(el)
+  rows = cfg.bk // p  # rows of each sub-tile
+  bn = cfg.bn
+  mx = fmt.rule == "mx"
+
+  def scale_tile(ref, k0):
+    """The group rows covering k0 .. k0 + BK, broadcast to the (rows, BN) sub-tile layout."""
+    if group >= k_total:  # per-channel
+      t = ref[pl.ds(0, 1), :]
+    elif group >= cfg.bk:
+      t = ref[pl.ds(k0 // group, 1), :]
+    else:
+      g_rows = cfg.bk // group
+      t = ref[pl.ds(k0 // group, g_rows), :]
+      t = jnp.broadcast_to(t[:, None, :], (g_rows, group // p, bn)).reshape(rows, bn)
+    return t
+
+  def body(i, acc):
+    k0 = i * cfg.bk
+    s = scale_tile(s_ref, k0)
+    s = decode.mx_scale(s) if mx else s.astype(jnp.float32)
+    z = scale_tile(z_ref, k0).astype(jnp.float32) if has_zero else None
+    byte_tiles = [w_ref[pl.ds(k0 // p * b + j, rows, stride=b) if b > 1 else pl.ds(k0 // p, rows), :]
+                  for j in range(b)]
+    codes = decode.unpack_groups(byte_tiles, el) if el.bits < 8 else byte_tiles
+    for j, c in enumerate(codes):
+      v = decode.element_values(c, el, zero_point_format=has_zero)
+      if has_zero:
+        v = v - z
+      w = (v * jnp.broadcast_to(s, v.shape)).astype(x_ref.dtype)
+      xs = x_ref[:, pl.ds(k0 + j, rows, stride=p) if p > 1 else pl.ds(k0, rows)]
+      acc = acc + _backend.dot(xs, w)
+    return acc
+
+  acc = lax.fori_loop(0, k_total // cfg.bk, body, jnp.zeros((cfg.bm, bn), jnp.float32))
+  if post != 1.0:
+    acc = acc * post
+  if has_g:
+    acc = acc * g_ref[0]
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "triton",
+                   config: Config | None = None) -> jax.Array:
+  """x (M, K) @ dequantize(w) with w a (K, N) QArray blocked along axis 0; float32 accumulation.
+
+  Returns (M, N) in `out_dtype` (default x.dtype). `backend`: "triton" or "interpret" (see backend.py).
+  """
+  fmt = w.format
+  reason = supports(fmt)
+  if reason:
+    raise ValueError(f"dequant_matmul does not support {reason}.")
+  if w.ndim != 2 or w.axis != 0:
+    raise ValueError(f"dequant_matmul: w must be a 2-D QArray blocked along axis 0, got {w}.")
+  m, k = x.shape
+  if k != w.shape[0]:
+    raise ValueError(f"dequant_matmul: x has K = {k} but w has K = {w.shape[0]}.")
+  n = w.shape[1]
+  el = fmt.element_type
+  p, b = decode.codes_per_group(el), decode.bytes_per_group(el)
+  kq = w.data.shape[0] // b * p  # K as stored: padded to whole blocks and packing groups
+  kp = -(-kq // k_multiple(fmt)) * k_multiple(fmt)
+  data, scale, zero = w.data, w.scale, w.zero_point
+  if fmt.rule == "mx":
+    scale = lax.bitcast_convert_type(scale, jnp.uint8)
+  if kp != kq:  # an odd K (fp6 with K % 64, per-channel int4): zero rows cost a copy of the weight
+    data = jnp.pad(data, ((0, (kp - kq) // p * b), (0, 0)))
+    if fmt.block is not None:
+      pad_rows = ((0, kp // fmt.block[0] - scale.shape[0]), (0, 0))
+      scale = jnp.pad(scale, pad_rows)
+      zero = None if zero is None else jnp.pad(zero, pad_rows)
+  if kp != k:
+    x = jnp.pad(x, ((0, 0), (0, kp - k)))
+  group = kp if fmt.block is None else fmt.block[0]
+  cfg = fit_config(config or default_config(m, n, kp, fmt), kp, p)
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  operands = [x, data, scale]
+  in_specs = [
+      pl.BlockSpec((cfg.bm, kp), lambda i, j: (i, 0)),
+      pl.BlockSpec((data.shape[0], cfg.bn), lambda i, j: (0, j)),
+      pl.BlockSpec((scale.shape[0], cfg.bn), lambda i, j: (0, j)),
+  ]
+  if zero is not None:
+    operands.append(zero)
+    in_specs.append(pl.BlockSpec((scale.shape[0], cfg.bn), lambda i, j: (0, j)))
+  if w.tensor_scale is not None:
+    operands.append(jnp.reshape(w.tensor_scale, (1,)).astype(jnp.float32))
+    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+  kernel = functools.partial(
+      _kernel, fmt=fmt, group=group, cfg=cfg, k_total=kp, has_zero=w.zero_point is not None,
+      has_g=w.tensor_scale is not None, post=decode.post_factor(el, fmt.rule == "mx"))
+  return _backend.call(
+      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(pl.cdiv(m, cfg.bm), pl.cdiv(n, cfg.bn)), in_specs=in_specs,
+      out_specs=pl.BlockSpec((cfg.bm, cfg.bn), lambda i, j: (i, j)),
+      num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=f"dequant_matmul_{fmt.name}")(*operands)
