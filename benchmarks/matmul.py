@@ -44,19 +44,26 @@ def _sdg(x, w_nk):
                                    configs=[cfg, cfg, cfg])
 
 
+def _config(text: str) -> Config:
+  """bm:bn:bk:warps:stages[:flags], flags letters i (interleave), s (x_split), g (scale_gather)."""
+  parts = text.split(":")
+  flags = parts[5] if len(parts) > 5 else "s"
+  return Config(*map(int, parts[:5]), interleave="i" in flags, x_split="s" in flags, scale_gather="g" in flags)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672")
   p.add_argument("--ms", default="1,16,64,256,2048,8192")
   p.add_argument("--formats", default=DEFAULT_FORMATS)
-  p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages,... to time kernel configs")
+  p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages[:isg],... to time kernel configs")
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
   args = p.parse_args()
   bw = copy_bandwidth()
   print(header())
   print(f"device copy: {bw / 1e9:.0f} GB/s; floor = max(bytes / copy bandwidth, 2MNK / {BF16_PEAK / 1e12:.0f} "
         "TFLOP/s); speed-ups are XLA time / kernel time from this run\n")
-  sweep = [Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
+  sweep = [_config(c) for c in args.sweep.split(",") if c]
   if sweep:
     print("| format | M | N | K | bm:bn:bk:warps:stages | us | of floor |")
     print("|---|---|---|---|---|---|---|")
@@ -82,7 +89,8 @@ def main() -> None:
             try:
               t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
                   x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
-              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages} | "
+              flags = "i" * cfg.interleave + "s" * cfg.x_split + "g" * cfg.scale_gather
+              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{flags} | "
                     f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
             except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
               print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)

@@ -30,12 +30,22 @@ __all__ = ["Config", "dequant_matmul", "supports", "default_config", "k_multiple
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tile sizes and launch parameters. BK is in elements of K; all sizes are powers of two."""
+  """Tile sizes, launch parameters and code-generation choices. BK is in elements of K; sizes are powers of two.
+
+  interleave: rebuild the (BK, BN) weight tile in K order in registers and run one dot against contiguous
+    activations (else P dots, one per position in the packing group).
+  x_split: with P dots, load the activation tile contiguously and de-interleave it in registers (else P loads
+    with stride P).
+  scale_gather: broadcast each group's scale row over its rows by an indexed load (else a register reshape).
+  """
   bm: int
   bn: int
   bk: int
   num_warps: int = 4
   num_stages: int = 3
+  interleave: bool = False
+  x_split: bool = True
+  scale_gather: bool = False
 
 
 def supports(fmt: Format) -> str | None:
@@ -78,6 +88,35 @@ def fit_config(cfg: Config, k: int, p: int) -> Config:
   return dataclasses.replace(cfg, bk=bk)
 
 
+def _interleave(parts: list) -> jax.Array:
+  """P tiles (R, N), tile j holding rows k = P*r + j, as one (P*R, N) tile in k order (P in 1, 2, 4)."""
+  if len(parts) == 1:
+    return parts[0]
+  r, n = parts[0].shape
+  if len(parts) == 2:
+    t = jnp.stack(parts, axis=-1)  # (R, N, 2)
+    return jnp.transpose(t, (0, 2, 1)).reshape(2 * r, n)
+  lo = jnp.stack([parts[0], parts[1]], axis=-1)  # [r, n, j & 1] for j >> 1 == 0
+  hi = jnp.stack([parts[2], parts[3]], axis=-1)
+  t = jnp.stack([lo, hi], axis=-1)  # [r, n, j & 1, j >> 1]
+  return jnp.transpose(t, (0, 3, 2, 1)).reshape(4 * r, n)
+
+
+def _deinterleave(x: jax.Array, p: int) -> list:
+  """Columns of x (M, P*R) split by k mod P: tile j holds columns P*r + j (P in 2, 4)."""
+  m, kk = x.shape
+  if p == 2:
+    return list(_unstack(x.reshape(m, kk // 2, 2)))
+  lo, hi = _unstack(x.reshape(m, kk // 4, 2, 2))  # [m, r, j >> 1] by j & 1
+  (x0, x2), (x1, x3) = _unstack(lo), _unstack(hi)
+  return [x0, x1, x2, x3]
+
+
+def _unstack(t: jax.Array):
+  """Splits the last axis (of size 2); `unstack` lowers to Triton's split, where slicing does not lower."""
+  return jnp.unstack(t, axis=-1)
+
+
 def _kernel(*refs, fmt: Format, group: int, cfg: Config, k_total: int, has_zero: bool, has_g: bool,
             post: float):
   x_ref, w_ref, s_ref = refs[:3]
@@ -91,16 +130,18 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, k_total: int, has_zero:
   mx = fmt.rule == "mx"
 
   def scale_tile(ref, k0):
-    """The group rows covering k0 .. k0 + BK, broadcast to the (rows, BN) sub-tile layout."""
+    """The group rows covering k0 .. k0 + BK, broadcast to the (rows, BN) sub-tile layout (row r of every
+    sub-tile holds k = k0 + P*r + j, in group (k0 + P*r) // G)."""
     if group >= k_total:  # per-channel
-      t = ref[pl.ds(0, 1), :]
-    elif group >= cfg.bk:
-      t = ref[pl.ds(k0 // group, 1), :]
-    else:
-      g_rows = cfg.bk // group
-      t = ref[pl.ds(k0 // group, g_rows), :]
-      t = jnp.broadcast_to(t[:, None, :], (g_rows, group // p, bn)).reshape(rows, bn)
-    return t
+      return ref[pl.ds(0, 1), :]
+    if group >= cfg.bk:
+      return ref[pl.ds(k0 // group, 1), :]
+    if cfg.scale_gather:
+      idx = k0 // group + lax.broadcasted_iota(jnp.int32, (rows,), 0) // (group // p)
+      return ref[idx, :]
+    g_rows = cfg.bk // group
+    t = ref[pl.ds(k0 // group, g_rows), :]
+    return jnp.broadcast_to(t[:, None, :], (g_rows, group // p, bn)).reshape(rows, bn)
 
   def body(i, acc):
     k0 = i * cfg.bk
@@ -110,13 +151,20 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, k_total: int, has_zero:
     byte_tiles = [w_ref[pl.ds(k0 // p * b + j, rows, stride=b) if b > 1 else pl.ds(k0 // p, rows), :]
                   for j in range(b)]
     codes = decode.unpack_groups(byte_tiles, el) if el.bits < 8 else byte_tiles
-    for j, c in enumerate(codes):
+    ws = []
+    for c in codes:
       v = decode.element_values(c, el, zero_point_format=has_zero)
       if has_zero:
         v = v - z
-      w = (v * jnp.broadcast_to(s, v.shape)).astype(x_ref.dtype)
-      xs = x_ref[:, pl.ds(k0 + j, rows, stride=p) if p > 1 else pl.ds(k0, rows)]
-      acc = acc + _backend.dot(xs, w)
+      ws.append((v * jnp.broadcast_to(s, v.shape)).astype(x_ref.dtype))
+    if p == 1 or cfg.interleave:
+      return acc + _backend.dot(x_ref[:, pl.ds(k0, cfg.bk)], _interleave(ws))
+    if cfg.x_split:
+      xs = _deinterleave(x_ref[:, pl.ds(k0, cfg.bk)], p)
+    else:
+      xs = [x_ref[:, pl.ds(k0 + j, rows, stride=p)] for j in range(p)]
+    for xj, wj in zip(xs, ws):
+      acc = acc + _backend.dot(xj, wj)
     return acc
 
   acc = lax.fori_loop(0, k_total // cfg.bk, body, jnp.zeros((cfg.bm, bn), jnp.float32))
