@@ -28,8 +28,13 @@ def _round(t, u):
 
 
 def _amax(x, red):
-  """max |x| over each block; NaN if the block holds a NaN, +Inf if it holds an Inf."""
-  return jnp.max(jnp.abs(x), axis=red, keepdims=True)
+  """(max |x| over the finite values of each block, whether the whole block is finite).
+
+  Non-finite values are detected explicitly: XLA's max reduction does not propagate NaN on every backend (it
+  does not on CPU)."""
+  ok = jnp.isfinite(x)
+  return (jnp.max(jnp.where(ok, jnp.abs(x), 0.0), axis=red, keepdims=True),
+          jnp.all(ok, axis=red, keepdims=True))
 
 
 def _mantissa(a: float) -> float:
@@ -40,9 +45,8 @@ def _mantissa(a: float) -> float:
 def mx(x, red, el: ElementType, mode: str, u=None):
   """MX: one E8M0 power-of-two scale 2^e per block, e by `mode` (floor, ceil, even, rceil), clamped to
   [-127, 127]; elements round onto the element grid of x * 2^-e."""
-  amax = _amax(x, red)
-  finite = jnp.isfinite(amax)
-  a = jnp.where(finite & (amax > 0), amax, 1.0)
+  amax, finite = _amax(x, red)
+  a = jnp.where(amax > 0, amax, 1.0)
   fl = elements.floor_log2(a)
   sig = elements.ldexp(a, -fl)  # amax = sig * 2^fl, sig in [1, 2)
   if mode == "floor":
@@ -72,13 +76,13 @@ def nvfp4_tensor_scale(x, el: ElementType) -> jax.Array:
 
 def nvfp4(x, red, el: ElementType, g, u=None):
   """NVFP4: E4M3 block scale s = e4m3(min(amax / max_element / g, 448)); elements x / (s * g)."""
-  amax = _amax(x, red)
-  s = jnp.minimum(amax / el.max / g, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+  amax, finite = _amax(x, red)
+  s = jnp.where(finite, jnp.minimum(amax / el.max / g, _E4M3_MAX), jnp.nan).astype(jnp.float8_e4m3fn)
   sf = s.astype(jnp.float32)
-  ok = jnp.isfinite(sf) & (sf > 0)
+  ok = finite & (sf > 0)
   y = x / (sf * g)
   q = jnp.where(ok, elements.round_to_grid(jnp.where(ok, y, 0.0), el, u), 0.0)
-  q = jnp.where(jnp.isfinite(amax), jnp.copysign(q, x), 0.0)  # zero-scale blocks keep signed zeros
+  q = jnp.where(finite, jnp.copysign(q, x), 0.0)  # zero-scale blocks keep signed zeros
   return q, s, None
 
 
@@ -87,36 +91,36 @@ def absmax(x, red, el: ElementType, scale_dtype, u=None):
 
   Float elements (block FP8) take s = 1 for an all-zero block; integer elements a zero scale and zero codes.
   """
-  amax = _amax(x, red)
+  amax, finite = _amax(x, red)
   top = el.max if el.kind == "float" else el.int_max
   s = amax / jnp.float32(top)
   if el.kind == "float":
     s = jnp.where(amax == 0, 1.0, s)
-  s = s.astype(scale_dtype)
+  s = jnp.where(finite, s, jnp.nan).astype(scale_dtype)
   sf = s.astype(jnp.float32)
-  ok = jnp.isfinite(sf) & (sf > 0)
+  ok = finite & (sf > 0)
   y = jnp.where(ok, x / jnp.where(ok, sf, 1.0), 0.0)
   if el.kind == "float":
     q = jnp.copysign(jnp.where(ok, elements.round_to_grid(y, el, u), 0.0), x)
   else:
     q = jnp.clip(_round(y, u), -el.int_max, el.int_max)
-  return jnp.where(jnp.isfinite(amax), q, 0.0), s, None
+  return jnp.where(finite, q, 0.0), s, None
 
 
 def asym(x, red, el: ElementType, scale_dtype, u=None):
   """Asymmetric integers: the range [min(x, 0), max(x, 0)] over 2^b - 1 steps; zero point
   z = clamp(round(-lo / s)), codes q = clamp(round(x / s) + z, 0, 2^b - 1), both with the stored s."""
   top = 2 ** el.bits - 1
-  lo = jnp.minimum(jnp.min(x, axis=red, keepdims=True), 0.0)
-  hi = jnp.maximum(jnp.max(x, axis=red, keepdims=True), 0.0)
-  s = ((hi - lo) / jnp.float32(top)).astype(scale_dtype)
+  finite = jnp.all(jnp.isfinite(x), axis=red, keepdims=True)
+  xf = jnp.where(finite, x, 0.0)
+  lo = jnp.minimum(jnp.min(xf, axis=red, keepdims=True), 0.0)
+  hi = jnp.maximum(jnp.max(xf, axis=red, keepdims=True), 0.0)
+  s = jnp.where(finite, (hi - lo) / jnp.float32(top), jnp.nan).astype(scale_dtype)
   sf = s.astype(jnp.float32)
-  ok = jnp.isfinite(sf) & (sf > 0)
+  ok = finite & (sf > 0)
   sd = jnp.where(ok, sf, 1.0)
   z = jnp.where(ok, jnp.clip(jnp.round(-lo / sd), 0, top), 0.0)
   q = jnp.where(ok, jnp.clip(_round(x / sd, u) + z, 0, top), 0.0)
-  finite = jnp.isfinite(lo) & jnp.isfinite(hi)  # NaN/Inf blocks: NaN scale (from hi - lo), zero codes
-  s = jnp.where(finite, s, jnp.asarray(jnp.nan, scale_dtype))
   return q, s, z.astype(scale_dtype)
 
 

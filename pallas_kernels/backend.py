@@ -14,9 +14,10 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "dot", "gpu_available"]
+__all__ = ["BACKENDS", "call", "dot", "gpu_available", "load", "store"]
 
 BACKENDS = ("triton", "interpret")
 
@@ -42,6 +43,29 @@ def dot(a, b):
   """In-kernel a @ b (float32 result for 16-bit operands)."""
   from jax.experimental.pallas import triton as pltriton
   return pltriton.dot(a, b)
+
+
+def load(ref, idx, mask=None, other=None, *, backend: str):
+  """ref[idx] where `mask` is True, `other` elsewhere (memory there is not read).
+
+  Pallas's Triton lowering does not mask blocks that overhang the array, so kernels mask ragged edges through
+  this. The interpreter pads blocks instead, so there the mask is applied after an ordinary read.
+  """
+  if mask is None:
+    return ref[idx]
+  if backend == "interpret":
+    return jnp.where(mask, ref[idx], other)
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.load(ref.at[idx], mask=mask, other=other)
+
+
+def store(ref, value, mask=None, *, backend: str):
+  """ref[...] = value where `mask` is True (everywhere if None)."""
+  if mask is None or backend == "interpret":
+    ref[...] = value
+    return
+  from jax.experimental.pallas import triton as pltriton
+  pltriton.store(ref.at[...], value, mask=mask)
 
 
 @functools.cache

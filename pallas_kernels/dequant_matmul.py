@@ -32,9 +32,13 @@ __all__ = ["Config", "dequant_matmul", "supports", "default_config", "k_multiple
 class Config:
   """Tile sizes, launch parameters and code-generation choices. BK is in elements of K; sizes are powers of two.
 
-  interleave: rebuild the (BK, BN) weight tile in K order in registers and run one dot against contiguous
-    activations (else P dots, one per position in the packing group).
-  x_split: with P dots, load the activation tile contiguously and de-interleave it in registers (else P loads
+  weights: how the packed (BK * bits / 8, BN) bytes become dot operands:
+    "subdots": P tiles (BK / P, BN), one per position in the packing group, each dotted with the activation
+      columns of that position (P dots per K step);
+    "interleave": the P tiles rebuilt into one (BK, BN) tile in K order in registers (join, transpose, reshape);
+    "gather": one (BK, BN) tile in K order read by an indexed load that fetches each byte once per code in it,
+      then shifted per row (the duplicate reads hit L1).
+  x_split: with "subdots", load the activation tile contiguously and de-interleave it in registers (else P loads
     with stride P).
   scale_gather: broadcast each group's scale row over its rows by an indexed load (else a register reshape).
   """
@@ -43,7 +47,7 @@ class Config:
   bk: int
   num_warps: int = 4
   num_stages: int = 3
-  interleave: bool = False
+  weights: str = "subdots"
   x_split: bool = True
   scale_gather: bool = False
 
@@ -117,62 +121,92 @@ def _unstack(t: jax.Array):
   return jnp.unstack(t, axis=-1)
 
 
-def _kernel(*refs, fmt: Format, group: int, cfg: Config, k_total: int, has_zero: bool, has_g: bool,
-            post: float):
+def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total: int, has_zero: bool,
+            has_g: bool, post: float, backend: str):
   x_ref, w_ref, s_ref = refs[:3]
   z_ref = refs[3] if has_zero else None
   g_ref = refs[3 + has_zero] if has_g else None
   o_ref = refs[-1]
   el = fmt.element_type
   p, b = decode.codes_per_group(el), decode.bytes_per_group(el)
-  rows = cfg.bk // p  # rows of each sub-tile
-  bn = cfg.bn
+  bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
   mx = fmt.rule == "mx"
+  one_tile = p == 1 or cfg.weights != "subdots"
+  rows = bk if one_tile else bk // p  # rows of each weight tile
+  # Ragged edges: Pallas's Triton lowering reads and writes whole blocks, so overhanging rows of x and columns
+  # of w, the scales and the output are masked (statically absent when the shape divides the tile).
+  row_ok = None if m % bm == 0 else (
+      pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < m)
+  col_ok = None if n % bn == 0 else (
+      pl.program_id(1) * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1) < n)
+
+  def ld(ref, idx, shape, mask):
+    mask = None if mask is None else jnp.broadcast_to(mask, shape)
+    return _backend.load(ref, idx, mask, 0, backend=backend)
 
   def scale_tile(ref, k0):
-    """The group rows covering k0 .. k0 + BK, broadcast to the (rows, BN) sub-tile layout (row r of every
-    sub-tile holds k = k0 + P*r + j, in group (k0 + P*r) // G)."""
+    """Scale rows for the weight tile rows: row r holds k = k0 + r (one tile) or k0 + P*r + j (sub-tiles)."""
     if group >= k_total:  # per-channel
-      return ref[pl.ds(0, 1), :]
-    if group >= cfg.bk:
-      return ref[pl.ds(k0 // group, 1), :]
+      return ld(ref, (pl.ds(0, 1), slice(None)), (1, bn), col_ok)
+    if group >= bk:
+      return ld(ref, (pl.ds(k0 // group, 1), slice(None)), (1, bn), col_ok)
+    per_group = group if one_tile else group // p
     if cfg.scale_gather:
-      idx = k0 // group + lax.broadcasted_iota(jnp.int32, (rows,), 0) // (group // p)
-      return ref[idx, :]
-    g_rows = cfg.bk // group
-    t = ref[pl.ds(k0 // group, g_rows), :]
-    return jnp.broadcast_to(t[:, None, :], (g_rows, group // p, bn)).reshape(rows, bn)
+      idx = k0 // group + lax.broadcasted_iota(jnp.int32, (rows,), 0) // per_group
+      return ld(ref, (idx, slice(None)), (rows, bn), col_ok)
+    g_rows = bk // group
+    t = ld(ref, (pl.ds(k0 // group, g_rows), slice(None)), (g_rows, bn), col_ok)
+    return jnp.broadcast_to(t[:, None, :], (g_rows, per_group, bn)).reshape(rows, bn)
+
+  def code_tiles(k0):
+    """Element codes of the K step: [one (BK, BN) tile in K order] or P sub-tiles (BK / P, BN)."""
+    if el.bits == 8:
+      return [ld(w_ref, (pl.ds(k0, bk), slice(None)), (bk, bn), col_ok)]
+    if cfg.weights == "gather":
+      bit = lax.broadcasted_iota(jnp.int32, (bk,), 0) * el.bits
+      lo = k0 * el.bits // 8 + bit // 8
+      v = ld(w_ref, (lo, slice(None)), (bk, bn), col_ok).astype(jnp.int32)
+      if el.bits == 6:  # a code may straddle two bytes
+        hi = jnp.where(bit % 8 + el.bits > 8, lo + 1, lo)
+        v = v | (ld(w_ref, (hi, slice(None)), (bk, bn), col_ok).astype(jnp.int32) << 8)
+      return [(v >> (bit % 8)[:, None]) & ((1 << el.bits) - 1)]
+    byte_rows = [pl.ds(k0 // p * b + j, bk // p, stride=b) if b > 1 else pl.ds(k0 // p, bk // p)
+                 for j in range(b)]
+    byte_tiles = [ld(w_ref, (r, slice(None)), (bk // p, bn), col_ok) for r in byte_rows]
+    return decode.unpack_groups(byte_tiles, el)
 
   def body(i, acc):
-    k0 = i * cfg.bk
+    k0 = i * bk
     s = scale_tile(s_ref, k0)
     s = decode.mx_scale(s) if mx else s.astype(jnp.float32)
     z = scale_tile(z_ref, k0).astype(jnp.float32) if has_zero else None
-    byte_tiles = [w_ref[pl.ds(k0 // p * b + j, rows, stride=b) if b > 1 else pl.ds(k0 // p, rows), :]
-                  for j in range(b)]
-    codes = decode.unpack_groups(byte_tiles, el) if el.bits < 8 else byte_tiles
+    vals = [decode.element_values(c, el, zero_point_format=has_zero) for c in code_tiles(k0)]
+    if cfg.weights == "interleave":
+      vals = [_interleave(vals)]
     ws = []
-    for c in codes:
-      v = decode.element_values(c, el, zero_point_format=has_zero)
+    for v in vals:
       if has_zero:
         v = v - z
       ws.append((v * jnp.broadcast_to(s, v.shape)).astype(x_ref.dtype))
-    if p == 1 or cfg.interleave:
-      return acc + _backend.dot(x_ref[:, pl.ds(k0, cfg.bk)], _interleave(ws))
+    if one_tile:
+      return acc + _backend.dot(ld(x_ref, (slice(None), pl.ds(k0, bk)), (bm, bk), row_ok), ws[0])
     if cfg.x_split:
-      xs = _deinterleave(x_ref[:, pl.ds(k0, cfg.bk)], p)
+      xs = _deinterleave(ld(x_ref, (slice(None), pl.ds(k0, bk)), (bm, bk), row_ok), p)
     else:
-      xs = [x_ref[:, pl.ds(k0 + j, rows, stride=p)] for j in range(p)]
+      xs = [ld(x_ref, (slice(None), pl.ds(k0 + j, rows, stride=p)), (bm, rows), row_ok) for j in range(p)]
     for xj, wj in zip(xs, ws):
       acc = acc + _backend.dot(xj, wj)
     return acc
 
-  acc = lax.fori_loop(0, k_total // cfg.bk, body, jnp.zeros((cfg.bm, bn), jnp.float32))
+  acc = lax.fori_loop(0, k_total // bk, body, jnp.zeros((bm, bn), jnp.float32))
   if post != 1.0:
     acc = acc * post
   if has_g:
     acc = acc * g_ref[0]
-  o_ref[...] = acc.astype(o_ref.dtype)
+  mask = None
+  if row_ok is not None or col_ok is not None:
+    mask = jnp.broadcast_to(True if row_ok is None else row_ok, (bm, bn)) & (True if col_ok is None else col_ok)
+  _backend.store(o_ref, acc.astype(o_ref.dtype), mask, backend=backend)
 
 
 def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "triton",
@@ -222,7 +256,7 @@ def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "t
     operands.append(jnp.reshape(w.tensor_scale, (1,)).astype(jnp.float32))
     in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
   kernel = functools.partial(
-      _kernel, fmt=fmt, group=group, cfg=cfg, k_total=kp, has_zero=w.zero_point is not None,
+      _kernel, fmt=fmt, group=group, cfg=cfg, m=m, n=n, k_total=kp, backend=backend, has_zero=w.zero_point is not None,
       has_g=w.tensor_scale is not None, post=decode.post_factor(el, fmt.rule == "mx"))
   return _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
