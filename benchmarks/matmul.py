@@ -45,12 +45,10 @@ def _sdg(x, w_nk):
 
 
 def _config(text: str) -> Config:
-  """bm:bn:bk:warps:stages[:flags], flags letters i (weights="interleave") or r (weights="gather"),
-  s (x_split), g (scale_gather)."""
+  """bm:bn:bk:warps:stages[:w], w = d (weights="groupdots", the default), i ("interleave") or s ("subdots")."""
   parts = text.split(":")
-  flags = parts[5] if len(parts) > 5 else "s"
-  weights = "interleave" if "i" in flags else "gather" if "r" in flags else "subdots"
-  return Config(*map(int, parts[:5]), weights=weights, x_split="s" in flags, scale_gather="g" in flags)
+  flag = parts[5] if len(parts) > 5 and parts[5] else "d"
+  return Config(*map(int, parts[:5]), weights={"d": "groupdots", "i": "interleave", "s": "subdots"}[flag])
 
 
 def main() -> None:
@@ -91,7 +89,7 @@ def main() -> None:
             try:
               t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
                   x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
-              flags = {"interleave": "i", "gather": "r"}.get(cfg.weights, "") + "s" * cfg.x_split + "g" * cfg.scale_gather
+              flags = cfg.weights[0] if cfg.weights != "groupdots" else "d"
               print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{flags} | "
                     f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
             except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported

@@ -12,7 +12,7 @@ from jax import lax
 
 from lowbit_jax.formats import ElementType
 
-__all__ = ["floor_log2", "ldexp", "round_to_grid", "encode", "decode"]
+__all__ = ["floor_log2", "ldexp", "ldexp_fast", "round_to_grid", "encode", "decode", "div"]
 
 
 def _exp2i(n: jax.Array) -> jax.Array:
@@ -20,14 +20,39 @@ def _exp2i(n: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(((n + 127) << 23).astype(jnp.int32), jnp.float32)
 
 
-def ldexp(x: jax.Array, n) -> jax.Array:
-  """x * 2^n, exact whenever the result is representable; n an int array in [-252, 252].
-
-  Two multiplies by normal powers of two, so no factor is ever a float32 subnormal (which some backends flush).
-  """
+def ldexp_fast(x: jax.Array, n) -> jax.Array:
+  """x * 2^n by two multiplies by normal powers of two; exact when x and the result are normal floats."""
   n = jnp.asarray(n, jnp.int32)
   n1 = n >> 1
   return x * _exp2i(n1) * _exp2i(n - n1)
+
+
+def ldexp(x: jax.Array, n) -> jax.Array:
+  """x * 2^n rounded to nearest even, computed on the bits: exact for subnormal inputs and outputs alike.
+
+  Float multiplies cannot be used at the subnormal end because XLA's CPU backend flushes subnormal operands
+  and results to zero. Infinities, NaN and zeros pass through; overflow gives infinity.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  n = jnp.asarray(n, jnp.int32)
+  bits = lax.bitcast_convert_type(x, jnp.int32)
+  sign = bits & jnp.int32(-0x80000000)
+  mag = bits & 0x7FFFFFFF
+  biased = mag >> 23
+  sig = jnp.where(biased == 0, mag, (mag & 0x7FFFFF) | 0x800000)  # x = sig * 2^(e - 23)
+  lz = jnp.maximum(lax.clz(sig) - 8, 0)  # normalise subnormal significands to 24 bits
+  sig = sig << lz
+  e = jnp.where(biased == 0, -126, biased - 127) - lz + n
+  normal = sign | ((jnp.clip(e, -126, 128) + 127) << 23) | (sig & 0x7FFFFF)
+  inf = sign | 0x7F800000
+  shift = jnp.clip(-126 - e, 1, 31)  # subnormal result: drop `shift` bits, ties to even
+  kept = sig >> shift
+  rem = sig & ((1 << shift) - 1)
+  half = 1 << (shift - 1)
+  kept = kept + ((rem > half) | ((rem == half) & ((kept & 1) == 1))).astype(jnp.int32)
+  out = jnp.where(e > 127, inf, jnp.where(e >= -126, normal, sign | kept))
+  out = jnp.where((biased == 255) | (mag == 0), bits, out)
+  return lax.bitcast_convert_type(out, jnp.float32)
 
 
 def floor_log2(a: jax.Array) -> jax.Array:
@@ -49,16 +74,16 @@ def round_to_grid(y: jax.Array, el: ElementType, u: jax.Array | None = None) -> 
     e = jnp.maximum(floor_log2(y), el.emin)  # the binade whose spacing applies; subnormals share emin's
   else:
     e = jnp.zeros(y.shape, jnp.int32)
-  t = ldexp(y, el.mantissa - e)
+  t = ldexp_fast(y, el.mantissa - e)  # y is normal or rounds to zero anyway
   r = jnp.round(t) if u is None else jnp.floor(t + u)
-  return jnp.clip(ldexp(r, e - el.mantissa), -el.max, el.max)
+  return jnp.clip(ldexp_fast(r, e - el.mantissa), -el.max, el.max)
 
 
 def encode(q: jax.Array, el: ElementType) -> jax.Array:
   """Element codes (uint8) of grid values `q` of a float element with at most 8 bits (sign-magnitude)."""
   a = jnp.abs(q)
   e = jnp.maximum(floor_log2(a), el.emin)
-  mag = ldexp(a, el.mantissa - e) + ((e - el.emin) << el.mantissa).astype(jnp.float32)
+  mag = ldexp_fast(a, el.mantissa - e) + ((e - el.emin) << el.mantissa).astype(jnp.float32)
   sign = (lax.bitcast_convert_type(q, jnp.uint32) >> 31).astype(jnp.uint8)
   return (sign << (el.bits - 1)) | mag.astype(jnp.uint8)
 
@@ -71,3 +96,38 @@ def decode(codes: jax.Array, el: ElementType) -> jax.Array:
   sig = (c & ((1 << m) - 1)) + jnp.where(exp_field > 0, 1 << m, 0)
   v = sig.astype(jnp.float32) * _exp2i(jnp.maximum(exp_field, 1) + el.emin - 1 - m)
   return jnp.where((c >> (el.bits - 1)) & 1 == 1, -v, v)
+
+
+def _clear_low_mantissa(q: jax.Array, bits: int) -> jax.Array:
+  """q with its lowest `bits` mantissa bits cleared (exact, by masking)."""
+  m = lax.bitcast_convert_type(q, jnp.uint32) & jnp.uint32((0xFFFFFFFF << bits) & 0xFFFFFFFF)
+  return lax.bitcast_convert_type(m, jnp.float32)
+
+
+def div(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a / b correctly rounded (IEEE round-to-nearest-even) in float32.
+
+  XLA does not promise a correctly rounded division (its CPU backend rewrites division by a constant as a
+  multiplication by the reciprocal and is an ulp off in many quotients), and quantization must match the IEEE
+  quotient. So XLA's quotient is corrected once with an exact residual a - q*b: q and b are split on mantissa
+  bits into 12-bit halves whose four products are exact, and the subtractions cancel exactly (Sterbenz).
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  q = a / b
+  sign = jnp.sign(q)
+  aa, bb, qa = jnp.abs(a), jnp.abs(b), jnp.abs(q)
+  qh, bh = _clear_low_mantissa(qa, 12), _clear_low_mantissa(bb, 12)
+  ql, bl = qa - qh, bb - bh
+  r = (((aa - qh * bh) - qh * bl) - ql * bh) - ql * bl  # aa - qa * bb, exactly
+  e = floor_log2(qa)
+  u = _exp2i(jnp.maximum(e - 23, -126))  # ulp of qa (qa >= 2^-100 here)
+  u_down = jnp.where(qa == _exp2i(jnp.clip(e, -126, 127)), u * 0.5, u)  # below a power of two the spacing halves
+  half_up, half_down = u * bb * 0.5, u_down * bb * 0.5  # powers of two times b: exact
+  odd = (lax.bitcast_convert_type(qa, jnp.uint32) & 1) == 1
+  up = (r > half_up) | ((r == half_up) & odd)
+  down = (-r > half_down) | ((-r == half_down) & odd)
+  fixed = jnp.where(up, qa + u, jnp.where(down, qa - u_down, qa))
+  # Only finite, normal, nonzero quotients need (and allow) the correction.
+  ok = jnp.isfinite(qa) & (qa >= 2.0 ** -100) & (qa <= 2.0 ** 100) & (bb > 0)
+  return jnp.where(ok, sign * fixed, q)

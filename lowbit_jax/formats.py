@@ -50,7 +50,7 @@ class ElementType:
 
 
 def _float_element(name: str) -> ElementType:
-  info = ml_dtypes.finfo(getattr(ml_dtypes, name))
+  info = ml_dtypes.finfo(getattr(ml_dtypes, name, None) or np.dtype(name))
   return ElementType(
       name=name, bits=info.bits, kind="float", mantissa=int(info.nmant),
       emin=int(info.minexp), emax=int(info.maxexp) - 1, max=float(info.max))
@@ -65,6 +65,8 @@ ELEMENTS: dict[str, ElementType] = {
 }
 
 SCALE_TYPES = ("float8_e8m0fnu", "float8_e4m3fn", "bfloat16", "float16", "float32")
+# Grids of the float scale types, for rounding scales exactly as stored (see scales.py).
+SCALE_GRIDS: dict[str, ElementType] = {n: _float_element(n) for n in ("float8_e4m3fn", "bfloat16", "float16")}
 
 Rule = Literal["mx", "nvfp4", "absmax", "asym"]
 
@@ -106,6 +108,10 @@ class Format:
       if not 1 <= len(self.block) <= 2 or any(b < 1 for b in self.block):
         raise ValueError(f"Format {self.name!r}: block must be 1 or 2 positive sizes or None, got {self.block}.")
     el = ELEMENTS[self.element]
+    per_byte = {4: 2, 6: 4}.get(el.bits, 1)
+    if self.block is not None and self.block[-1] % per_byte:
+      raise ValueError(f"Format {self.name!r}: {el.bits}-bit codes pack {per_byte} to a group, so the block "
+                       f"along the packed axis must be a multiple of {per_byte}, got {self.block[-1]}.")
     if self.zero_point and (el.kind != "int" or self.scale not in ("bfloat16", "float16", "float32")):
       raise ValueError(f"Format {self.name!r}: a zero point needs an integer element and a float scale.")
     if self.tensor_scale and self.scale != "float8_e4m3fn":
@@ -137,7 +143,7 @@ class Format:
     axis length); a tensor scale is not counted."""
     if self.block is None:
       return None
-    scale_bits = np.dtype(getattr(ml_dtypes, self.scale, None) or self.scale).itemsize * 8
+    scale_bits = np.dtype(getattr(ml_dtypes, self.scale, None) or np.dtype(self.scale)).itemsize * 8
     side = scale_bits * (2 if self.zero_point else 1)
     return self.element_type.bits + side / self.block_size
 

@@ -80,7 +80,9 @@ def _quantize(x, key, tensor_scale, *, fmt: Format, axes, scale_mode, rounding):
   scale = scale.reshape([s for i, s in enumerate(scale.shape) if i not in red])
   if zero_point is not None:
     zero_point = zero_point.reshape(scale.shape)
-  q = jnp.pad(q, [(0, p - n) for p, n in zip(padded, block_padded)])
+  if padded != block_padded:  # per-channel 4/6-bit on an axis of odd length: pad with the codes of zero
+    z = 0.0 if zero_point is None else zero_point.astype(jnp.float32)  # (1 along the axis)
+    q = jnp.pad(q - z, [(0, p - n) for p, n in zip(padded, block_padded)]) + z
   data = _codes(q, fmt, axes[-1])
   return QArray(data, scale, g if fmt.tensor_scale else None, zero_point, format=fmt,
                 axis=axes[-1] - len(logical), lengths=tuple(logical[a] for a in axes), dtype=dtype)
@@ -94,7 +96,7 @@ def _codes(q, fmt: Format, axis):
       return q.astype(el.storage_dtype)
     return packing.pack(elements.encode(q, el), el.bits, axis)
   if fmt.rule == "mx":  # fixed point 1.(bits-2) to integer codes
-    q = elements.ldexp(q, el.mantissa)
+    q = elements.ldexp_fast(q, el.mantissa)
   if el.bits == 8:
     return q.astype(jnp.uint8 if fmt.zero_point else jnp.int8)
   return packing.pack((q.astype(jnp.int32) & 0xF).astype(jnp.uint8), el.bits, axis)
@@ -111,7 +113,7 @@ def _element_values(q: QArray) -> jax.Array:
   if el.bits == 4 and not fmt.zero_point:
     c = (c ^ 8) - 8  # sign-extend the nibble
   v = c.astype(jnp.float32)
-  return elements.ldexp(v, -el.mantissa) if fmt.rule == "mx" else v
+  return elements.ldexp_fast(v, -el.mantissa) if fmt.rule == "mx" else v
 
 
 def _dequantize(q: QArray, dtype):

@@ -1,7 +1,8 @@
 """Block scale rules (REFERENCE section 2): each computes stored scales from block statistics and the element
 values in grid units.
 
-Every rule takes float32 `x` reshaped so that each block's elements lie along `red` (reduced axes, kept as size-1
+Divisions go through `elements.div`, which is correctly rounded on every backend (XLA's is not). Every rule
+takes float32 `x` reshaped so that each block's elements lie along `red` (reduced axes, kept as size-1
 dims in the results) and returns `(q, scale, zero_point)`: `q` the element values on the element grid (float32,
 integers for grouped-int rules), `scale` in its storage dtype, `zero_point` or None. Element rounding is
 `round(t)` or, stochastic, `floor(t + u)`.
@@ -15,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from lowbit_jax import elements
-from lowbit_jax.formats import ElementType, Format
+from lowbit_jax.formats import SCALE_GRIDS, ElementType, Format
 
 __all__ = ["SCALE_MODES", "mx", "nvfp4", "absmax", "asym", "nvfp4_tensor_scale"]
 
@@ -27,14 +28,29 @@ def _round(t, u):
   return jnp.round(t) if u is None else jnp.floor(t + u)
 
 
+def _store(s, dtype):
+  """(s in its storage dtype, the stored value as float32), rounding to nearest even.
+
+  The rounding is done on the float32 grid of the storage type rather than by a convert round trip, which XLA
+  may drop on GPUs (it allows excess precision), so the elements are computed with the scale as stored.
+  NaN passes through."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return s, s
+  v = jnp.where(jnp.isnan(s), s, elements.round_to_grid(s, SCALE_GRIDS[dtype.name]))
+  return v.astype(dtype), v
+
+
 def _amax(x, red):
   """(max |x| over the finite values of each block, whether the whole block is finite).
 
-  Non-finite values are detected explicitly: XLA's max reduction does not propagate NaN on every backend (it
-  does not on CPU)."""
+  Both are computed on bit patterns: XLA's max reduction does not propagate NaN on every backend, and its CPU
+  backend flushes subnormal operands to zero, which would lose blocks of float32 subnormals. Non-negative floats
+  order like their bits as integers."""
   ok = jnp.isfinite(x)
-  return (jnp.max(jnp.where(ok, jnp.abs(x), 0.0), axis=red, keepdims=True),
-          jnp.all(ok, axis=red, keepdims=True))
+  bits = jax.lax.bitcast_convert_type(jnp.where(ok, jnp.abs(x), 0.0), jnp.int32)
+  amax = jax.lax.bitcast_convert_type(jnp.max(bits, axis=red, keepdims=True), jnp.float32)
+  return amax, jnp.all(ok, axis=red, keepdims=True)
 
 
 def _mantissa(a: float) -> float:
@@ -42,11 +58,17 @@ def _mantissa(a: float) -> float:
   return float(np.frexp(a)[0] * 2)
 
 
+def _positive(a):
+  """a > 0 for non-negative a, read off the bits (exact for subnormals on every backend)."""
+  return jax.lax.bitcast_convert_type(a, jnp.int32) > 0
+
+
 def mx(x, red, el: ElementType, mode: str, u=None):
   """MX: one E8M0 power-of-two scale 2^e per block, e by `mode` (floor, ceil, even, rceil), clamped to
   [-127, 127]; elements round onto the element grid of x * 2^-e."""
   amax, finite = _amax(x, red)
-  a = jnp.where(amax > 0, amax, 1.0)
+  nonzero = _positive(amax)
+  a = jnp.where(nonzero, amax, 1.0)
   fl = elements.floor_log2(a)
   sig = elements.ldexp(a, -fl)  # amax = sig * 2^fl, sig in [1, 2)
   if mode == "floor":
@@ -54,36 +76,33 @@ def mx(x, red, el: ElementType, mode: str, u=None):
   elif mode == "ceil":
     up = sig > 1
   elif mode == "even":  # amax rounded to the element's mantissa width carries into the next binade
-    up = jnp.round(elements.ldexp(sig, el.mantissa)) >= 2 ** (el.mantissa + 1)
+    up = jnp.round(elements.ldexp_fast(sig, el.mantissa)) >= 2 ** (el.mantissa + 1)
   elif mode == "rceil":  # smallest e with amax <= max * 2^e, compared exactly on significands
     up = sig > _mantissa(el.max)
   else:
     raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {mode!r}.")
   e = fl + jnp.asarray(up, jnp.int32) - el.emax
-  e = jnp.where(amax > 0, jnp.clip(e, -127, 127), -127)
+  e = jnp.where(nonzero, jnp.clip(e, -127, 127), -127)
   bits = jnp.where(finite, e + 127, 255).astype(jnp.uint8)
   scale = jax.lax.bitcast_convert_type(bits, jnp.float8_e8m0fnu)
-  q = jnp.where(finite, elements.round_to_grid(elements.ldexp(x, -e), el, u), 0.0)
+  q = jnp.where(finite & nonzero, elements.round_to_grid(elements.ldexp(x, -e), el, u), 0.0)
   return q, scale, None
 
 
 def nvfp4_tensor_scale(x, el: ElementType) -> jax.Array:
   """NVFP4's g = amax / (448 * max_element) over the finite values of x; 1 if that amax is 0."""
   amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0))
-  g = amax / jnp.float32(_E4M3_MAX * el.max)
+  g = elements.div(amax, _E4M3_MAX * el.max)
   return jnp.where(amax > 0, g, 1.0).astype(jnp.float32)
 
 
 def nvfp4(x, red, el: ElementType, g, u=None):
   """NVFP4: E4M3 block scale s = e4m3(min(amax / max_element / g, 448)); elements x / (s * g)."""
   amax, finite = _amax(x, red)
-  s = jnp.where(finite, jnp.minimum(amax / el.max / g, _E4M3_MAX), jnp.nan).astype(jnp.float8_e4m3fn)
-  sf = s.astype(jnp.float32)
+  s, sf = _store(jnp.where(finite, jnp.minimum(elements.div(elements.div(amax, el.max), g), _E4M3_MAX), jnp.nan), jnp.float8_e4m3fn)
   ok = finite & (sf > 0)
-  y = x / (sf * g)
-  q = jnp.where(ok, elements.round_to_grid(jnp.where(ok, y, 0.0), el, u), 0.0)
-  q = jnp.where(finite, jnp.copysign(q, x), 0.0)  # zero-scale blocks keep signed zeros
-  return q, s, None
+  y = elements.div(x, sf * g)
+  return jnp.where(ok, elements.round_to_grid(jnp.where(ok, y, 0.0), el, u), 0.0), s, None
 
 
 def absmax(x, red, el: ElementType, scale_dtype, u=None):
@@ -93,15 +112,14 @@ def absmax(x, red, el: ElementType, scale_dtype, u=None):
   """
   amax, finite = _amax(x, red)
   top = el.max if el.kind == "float" else el.int_max
-  s = amax / jnp.float32(top)
+  s = elements.div(amax, top)
   if el.kind == "float":
-    s = jnp.where(amax == 0, 1.0, s)
-  s = jnp.where(finite, s, jnp.nan).astype(scale_dtype)
-  sf = s.astype(jnp.float32)
+    s = jnp.where(_positive(amax), s, 1.0)
+  s, sf = _store(jnp.where(finite, s, jnp.nan), scale_dtype)
   ok = finite & (sf > 0)
-  y = jnp.where(ok, x / jnp.where(ok, sf, 1.0), 0.0)
+  y = jnp.where(ok, elements.div(x, jnp.where(ok, sf, 1.0)), 0.0)
   if el.kind == "float":
-    q = jnp.copysign(jnp.where(ok, elements.round_to_grid(y, el, u), 0.0), x)
+    q = jnp.where(ok, elements.round_to_grid(y, el, u), 0.0)
   else:
     q = jnp.clip(_round(y, u), -el.int_max, el.int_max)
   return jnp.where(finite, q, 0.0), s, None
@@ -115,12 +133,11 @@ def asym(x, red, el: ElementType, scale_dtype, u=None):
   xf = jnp.where(finite, x, 0.0)
   lo = jnp.minimum(jnp.min(xf, axis=red, keepdims=True), 0.0)
   hi = jnp.maximum(jnp.max(xf, axis=red, keepdims=True), 0.0)
-  s = jnp.where(finite, (hi - lo) / jnp.float32(top), jnp.nan).astype(scale_dtype)
-  sf = s.astype(jnp.float32)
+  s, sf = _store(jnp.where(finite, elements.div(hi - lo, top), jnp.nan), scale_dtype)
   ok = finite & (sf > 0)
   sd = jnp.where(ok, sf, 1.0)
-  z = jnp.where(ok, jnp.clip(jnp.round(-lo / sd), 0, top), 0.0)
-  q = jnp.where(ok, jnp.clip(_round(x / sd, u) + z, 0, top), 0.0)
+  z = jnp.where(ok, jnp.clip(jnp.round(elements.div(-lo, sd)), 0, top), 0.0)
+  q = jnp.where(ok, jnp.clip(_round(elements.div(x, sd), u) + z, 0, top), 0.0)
   return q, s, z.astype(scale_dtype)
 
 

@@ -39,19 +39,22 @@ def unpack_groups(byte_tiles: list, el: ElementType) -> list:
 
 
 def element_values(codes, el: ElementType, *, zero_point_format: bool = False):
-  """float32 values of element codes: floats scaled by 2^(bias - 15) (see `post_factor`), integers exact.
+  """Exact values of element codes: sub-byte floats as float16 scaled by 2^(bias - 15) (see `post_factor`),
+  8-bit floats as float32, integers as float32.
 
-  `codes`: int32 codes for sub-byte elements, the stored array for 8-bit ones (float8 or int8/uint8).
+  `codes`: int32 codes for sub-byte elements; for 8-bit ones the stored bytes (uint8, float8 codes as uint8).
   """
   if el.kind == "float":
     if el.bits == 8:
-      return codes.astype(jnp.float32)
+      return lax.bitcast_convert_type(codes, el.storage_dtype).astype(jnp.float32)
     m = el.mantissa
     sign = (codes >> (el.bits - 1)) << 15
     mag = (codes & ((1 << (el.bits - 1)) - 1)) << (10 - m)
-    return lax.bitcast_convert_type((sign | mag).astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+    return lax.bitcast_convert_type((sign | mag).astype(jnp.uint16), jnp.float16)
   if el.bits == 4 and not zero_point_format:
     codes = (codes ^ 8) - 8  # sign-extend the nibble
+  elif el.bits == 8 and not zero_point_format:
+    codes = lax.bitcast_convert_type(codes, jnp.int8)
   return codes.astype(jnp.float32)
 
 

@@ -30,26 +30,23 @@ __all__ = ["Config", "dequant_matmul", "supports", "default_config", "k_multiple
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tile sizes, launch parameters and code-generation choices. BK is in elements of K; sizes are powers of two.
+  """Tile sizes, launch parameters and the code-generation scheme. BK is in elements of K; sizes are powers
+  of two.
 
-  weights: how the packed (BK * bits / 8, BN) bytes become dot operands:
+  weights: how the packed (BK * bits / 8, BN) bytes meet the activations:
     "subdots": P tiles (BK / P, BN), one per position in the packing group, each dotted with the activation
-      columns of that position (P dots per K step);
-    "interleave": the P tiles rebuilt into one (BK, BN) tile in K order in registers (join, transpose, reshape);
-    "gather": one (BK, BN) tile in K order read by an indexed load that fetches each byte once per code in it,
-      then shifted per row (the duplicate reads hit L1).
-  x_split: with "subdots", load the activation tile contiguously and de-interleave it in registers (else P loads
-    with stride P).
-  scale_gather: broadcast each group's scale row over its rows by an indexed load (else a register reshape).
+      columns of that position (de-interleaved in registers); scales applied to the weights;
+    "interleave": the P tiles rebuilt into one (BK, BN) tile in K order (join, transpose, reshape); scales
+      applied to the weights;
+    "groupdots": one dot per scale group on the exact element codes (K order), the group's scale applied to
+      the float32 partial sum, so no per-weight multiply and no scale broadcast.
   """
   bm: int
   bn: int
   bk: int
   num_warps: int = 4
   num_stages: int = 3
-  weights: str = "subdots"
-  x_split: bool = True
-  scale_gather: bool = False
+  weights: str = "groupdots"
 
 
 def supports(fmt: Format) -> str | None:
@@ -130,9 +127,7 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
   el = fmt.element_type
   p, b = decode.codes_per_group(el), decode.bytes_per_group(el)
   bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
-  mx = fmt.rule == "mx"
-  one_tile = p == 1 or cfg.weights != "subdots"
-  rows = bk if one_tile else bk // p  # rows of each weight tile
+  dtype = x_ref.dtype
   # Ragged edges: Pallas's Triton lowering reads and writes whole blocks, so overhanging rows of x and columns
   # of w, the scales and the output are masked (statically absent when the shape divides the tile).
   row_ok = None if m % bm == 0 else (
@@ -140,64 +135,68 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
   col_ok = None if n % bn == 0 else (
       pl.program_id(1) * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1) < n)
 
-  def ld(ref, idx, shape, mask):
+  def ld(ref, rows, shape, mask):
+    idx = (rows, slice(None)) if ref is not x_ref else (slice(None), rows)
     mask = None if mask is None else jnp.broadcast_to(mask, shape)
     return _backend.load(ref, idx, mask, 0, backend=backend)
 
-  def scale_tile(ref, k0):
-    """Scale rows for the weight tile rows: row r holds k = k0 + r (one tile) or k0 + P*r + j (sub-tiles)."""
-    if group >= k_total:  # per-channel
-      return ld(ref, (pl.ds(0, 1), slice(None)), (1, bn), col_ok)
-    if group >= bk:
-      return ld(ref, (pl.ds(k0 // group, 1), slice(None)), (1, bn), col_ok)
-    per_group = group if one_tile else group // p
-    if cfg.scale_gather:
-      idx = k0 // group + lax.broadcasted_iota(jnp.int32, (rows,), 0) // per_group
-      return ld(ref, (idx, slice(None)), (rows, bn), col_ok)
-    g_rows = bk // group
-    t = ld(ref, (pl.ds(k0 // group, g_rows), slice(None)), (g_rows, bn), col_ok)
-    return jnp.broadcast_to(t[:, None, :], (g_rows, per_group, bn)).reshape(rows, bn)
+  def scales(ref, k0, count):
+    """float32 scale (or zero point) rows of the `count` groups from k0 on: (count, BN)."""
+    t = ld(ref, pl.ds(0 if group >= k_total else k0 // group, count), (count, bn), col_ok)
+    if ref is s_ref and fmt.rule == "mx":
+      return decode.mx_scale(t)
+    if ref is s_ref and fmt.scale == "float8_e4m3fn":
+      t = lax.bitcast_convert_type(t, jnp.float8_e4m3fn)
+    return t.astype(jnp.float32)
 
-  def code_tiles(k0):
-    """Element codes of the K step: [one (BK, BN) tile in K order] or P sub-tiles (BK / P, BN)."""
+  def values(k0, kk):
+    """Element values (exact, `dtype`) of rows k0 .. k0 + kk as P sub-tiles (kk / P, BN), or one tile in K
+    order for 8-bit elements."""
     if el.bits == 8:
-      return [ld(w_ref, (pl.ds(k0, bk), slice(None)), (bk, bn), col_ok)]
-    if cfg.weights == "gather":
-      bit = lax.broadcasted_iota(jnp.int32, (bk,), 0) * el.bits
-      lo = k0 * el.bits // 8 + bit // 8
-      v = ld(w_ref, (lo, slice(None)), (bk, bn), col_ok).astype(jnp.int32)
-      if el.bits == 6:  # a code may straddle two bytes
-        hi = jnp.where(bit % 8 + el.bits > 8, lo + 1, lo)
-        v = v | (ld(w_ref, (hi, slice(None)), (bk, bn), col_ok).astype(jnp.int32) << 8)
-      return [(v >> (bit % 8)[:, None]) & ((1 << el.bits) - 1)]
-    byte_rows = [pl.ds(k0 // p * b + j, bk // p, stride=b) if b > 1 else pl.ds(k0 // p, bk // p)
-                 for j in range(b)]
-    byte_tiles = [ld(w_ref, (r, slice(None)), (bk // p, bn), col_ok) for r in byte_rows]
-    return decode.unpack_groups(byte_tiles, el)
+      return [decode.element_values(ld(w_ref, pl.ds(k0, kk), (kk, bn), col_ok), el)]
+    rows = [pl.ds(k0 // p * b + j, kk // p, stride=b) if b > 1 else pl.ds(k0 // p, kk // p) for j in range(b)]
+    codes = decode.unpack_groups([ld(w_ref, r, (kk // p, bn), col_ok) for r in rows], el)
+    return [decode.element_values(c, el, zero_point_format=has_zero) for c in codes]
 
-  def body(i, acc):
+  def x_tile(k0, kk):
+    return ld(x_ref, pl.ds(k0, kk), (bm, kk), row_ok)
+
+  def body_scaled_weights(i, acc):
+    """"subdots" and "interleave": weights scaled per element, then P dots or one dot per K step."""
     k0 = i * bk
-    s = scale_tile(s_ref, k0)
-    s = decode.mx_scale(s) if mx else s.astype(jnp.float32)
-    z = scale_tile(z_ref, k0).astype(jnp.float32) if has_zero else None
-    vals = [decode.element_values(c, el, zero_point_format=has_zero) for c in code_tiles(k0)]
-    if cfg.weights == "interleave":
-      vals = [_interleave(vals)]
-    ws = []
-    for v in vals:
-      if has_zero:
-        v = v - z
-      ws.append((v * jnp.broadcast_to(s, v.shape)).astype(x_ref.dtype))
+    count = 1 if group >= bk else bk // group
+    s, z = scales(s_ref, k0, count), scales(z_ref, k0, count) if has_zero else None
+    vals = values(k0, bk)
+    one_tile = len(vals) == 1 or cfg.weights == "interleave"
     if one_tile:
-      return acc + _backend.dot(ld(x_ref, (slice(None), pl.ds(k0, bk)), (bm, bk), row_ok), ws[0])
-    if cfg.x_split:
-      xs = _deinterleave(ld(x_ref, (slice(None), pl.ds(k0, bk)), (bm, bk), row_ok), p)
-    else:
-      xs = [ld(x_ref, (slice(None), pl.ds(k0 + j, rows, stride=p)), (bm, rows), row_ok) for j in range(p)]
-    for xj, wj in zip(xs, ws):
+      vals = [_interleave(vals)]
+    rows = vals[0].shape[0]
+
+    def spread(t):  # (count, BN) group rows to the (rows, BN) tile layout
+      return jnp.broadcast_to(t[:, None, :], (count, rows // count, bn)).reshape(rows, bn)
+
+    ws = [((v.astype(jnp.float32) - spread(z) if has_zero else v.astype(jnp.float32)) * spread(s)).astype(dtype)
+          for v in vals]
+    if one_tile:
+      return acc + _backend.dot(x_tile(k0, bk), ws[0])
+    for xj, wj in zip(_deinterleave(x_tile(k0, bk), p), ws):
       acc = acc + _backend.dot(xj, wj)
     return acc
 
+  gk = min(group, bk)  # K rows under one scale row within a step
+
+  def body_group_dots(i, acc):
+    """"groupdots": per group, a dot of exact codes; its scale applied to the float32 partial sum."""
+    k0 = i * bk
+    for g in range(bk // gk):  # unrolled; each group's scale row is its own (1, BN) load
+      kg = k0 + g * gk
+      w = _interleave(values(kg, gk))
+      if has_zero:
+        w = w - scales(z_ref, kg, 1)
+      acc = acc + _backend.dot(x_tile(kg, gk), w.astype(dtype)) * scales(s_ref, kg, 1)
+    return acc
+
+  body = body_group_dots if cfg.weights == "groupdots" else body_scaled_weights
   acc = lax.fori_loop(0, k_total // bk, body, jnp.zeros((bm, bn), jnp.float32))
   if post != 1.0:
     acc = acc * post
@@ -230,7 +229,11 @@ def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "t
   kq = w.data.shape[0] // b * p  # K as stored: padded to whole blocks and packing groups
   kp = -(-kq // k_multiple(fmt)) * k_multiple(fmt)
   data, scale, zero = w.data, w.scale, w.zero_point
-  if fmt.rule == "mx":
+  # 8-bit codes and scales travel as uint8 (a free bitcast): masked loads then fill with a plain 0, and the
+  # kernel reinterprets the bits (float8 masked loads with a fill value did not lower correctly on Triton).
+  if data.dtype.itemsize == 1:
+    data = lax.bitcast_convert_type(data, jnp.uint8)
+  if scale.dtype.itemsize == 1:
     scale = lax.bitcast_convert_type(scale, jnp.uint8)
   if kp != kq:  # an odd K (fp6 with K % 64, per-channel int4): zero rows cost a copy of the weight
     data = jnp.pad(data, ((0, (kp - kq) // p * b), (0, 0)))
