@@ -45,10 +45,8 @@ def _sdg(x, w_nk):
 
 
 def _config(text: str) -> Config:
-  """bm:bn:bk:warps:stages[:w], w = d (weights="groupdots", the default), i ("interleave") or s ("subdots")."""
-  parts = text.split(":")
-  flag = parts[5] if len(parts) > 5 and parts[5] else "d"
-  return Config(*map(int, parts[:5]), weights={"d": "groupdots", "i": "interleave", "s": "subdots"}[flag])
+  """bm:bn:bk:warps:stages."""
+  return Config(*map(int, text.split(":")))
 
 
 def main() -> None:
@@ -56,7 +54,7 @@ def main() -> None:
   p.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672")
   p.add_argument("--ms", default="1,16,64,256,2048,8192")
   p.add_argument("--formats", default=DEFAULT_FORMATS)
-  p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages[:isg],... to time kernel configs")
+  p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages,... to time kernel configs")
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
   args = p.parse_args()
   bw = copy_bandwidth()
@@ -89,8 +87,7 @@ def main() -> None:
             try:
               t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
                   x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
-              flags = cfg.weights[0] if cfg.weights != "groupdots" else "d"
-              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{flags} | "
+              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages} | "
                     f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
             except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
               print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)

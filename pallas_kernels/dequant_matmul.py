@@ -4,10 +4,12 @@ Layouts: `x` is (M, K) bfloat16 or float16; `w` is a QArray of logical shape (K,
 the canonical storage of REFERENCE section 3: packed codes (K * bits / 8, N), scales (K / G, N) for groups of
 G along K (per-channel: (1, N)). One program computes a (BM, BN) output tile and loops over K in steps of BK.
 
-Packing groups hold P codes of consecutive k (two nibbles of a byte; four 6-bit codes in three bytes), so a K step
-is P sub-products: the codes at position j of every group (k = k0 + P*r + j) meet the activations loaded with
-stride P from column k0 + j. No shuffle of the weights is needed, and each group's scale row is broadcast over
-its G / P rows of each sub-tile.
+Packing groups hold P codes of consecutive k (two nibbles of a byte; four 6-bit codes in three bytes). A K step
+loads the (BK / P * bytes, BN) bytes once, splits them into P code tiles (one per position in the group),
+decodes and scales each, and rebuilds one (BK, BN) weight tile in K order in registers (join, transpose,
+reshape) for a single dot against contiguous activations. Of the schemes measured on an H100 (BENCHMARKS.md:
+P separate dots against de-interleaved or strided activations, a gathered K-order load, one dot per scale group
+with the scale on the partial sum) this was the fastest at every M.
 """
 
 from __future__ import annotations
@@ -30,23 +32,12 @@ __all__ = ["Config", "dequant_matmul", "supports", "default_config", "k_multiple
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tile sizes, launch parameters and the code-generation scheme. BK is in elements of K; sizes are powers
-  of two.
-
-  weights: how the packed (BK * bits / 8, BN) bytes meet the activations:
-    "subdots": P tiles (BK / P, BN), one per position in the packing group, each dotted with the activation
-      columns of that position (de-interleaved in registers); scales applied to the weights;
-    "interleave": the P tiles rebuilt into one (BK, BN) tile in K order (join, transpose, reshape); scales
-      applied to the weights;
-    "groupdots": one dot per scale group on the exact element codes (K order), the group's scale applied to
-      the float32 partial sum, so no per-weight multiply and no scale broadcast.
-  """
+  """Tile sizes and launch parameters. BK is in elements of K; all sizes are powers of two."""
   bm: int
   bn: int
   bk: int
   num_warps: int = 4
   num_stages: int = 3
-  weights: str = "groupdots"
 
 
 def supports(fmt: Format) -> str | None:
@@ -61,16 +52,17 @@ def supports(fmt: Format) -> str | None:
 
 
 def default_config(m: int, n: int, k: int, fmt: Format) -> Config:
-  """Tiles by regime of M (rows of the activation); see BENCHMARKS.md for how they were chosen."""
+  """Tiles by regime of M (rows of the activation), from the sweeps in BENCHMARKS.md (H100, N = K = 8192)."""
   p = decode.codes_per_group(fmt.element_type)
-  if m <= 16:
-    cfg = Config(16, 64, 256, num_warps=4, num_stages=4)
+  if m <= 16:  # weight streaming: one row block, narrow column tiles so every SM has work
+    few_groups = fmt.block is None or fmt.block[0] >= 128
+    cfg = Config(16, 64, 512 if few_groups else 256, num_warps=4, num_stages=4)
   elif m <= 64:
     cfg = Config(64, 64, 128, num_warps=4, num_stages=4)
   elif m <= 256:
-    cfg = Config(128, 128, 64, num_warps=4, num_stages=4)
+    cfg = Config(128, 128, 128, num_warps=8, num_stages=3)
   else:
-    cfg = Config(128, 256, 64, num_warps=8, num_stages=3)
+    cfg = Config(128, 256, 32, num_warps=8, num_stages=4)
   return fit_config(cfg, k, p)
 
 
@@ -101,21 +93,6 @@ def _interleave(parts: list) -> jax.Array:
   hi = jnp.stack([parts[2], parts[3]], axis=-1)
   t = jnp.stack([lo, hi], axis=-1)  # [r, n, j & 1, j >> 1]
   return jnp.transpose(t, (0, 3, 2, 1)).reshape(4 * r, n)
-
-
-def _deinterleave(x: jax.Array, p: int) -> list:
-  """Columns of x (M, P*R) split by k mod P: tile j holds columns P*r + j (P in 2, 4)."""
-  m, kk = x.shape
-  if p == 2:
-    return list(_unstack(x.reshape(m, kk // 2, 2)))
-  lo, hi = _unstack(x.reshape(m, kk // 4, 2, 2))  # [m, r, j >> 1] by j & 1
-  (x0, x2), (x1, x3) = _unstack(lo), _unstack(hi)
-  return [x0, x1, x2, x3]
-
-
-def _unstack(t: jax.Array):
-  """Splits the last axis (of size 2); `unstack` lowers to Triton's split, where slicing does not lower."""
-  return jnp.unstack(t, axis=-1)
 
 
 def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total: int, has_zero: bool,
@@ -150,53 +127,27 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
     return t.astype(jnp.float32)
 
   def values(k0, kk):
-    """Element values (exact, `dtype`) of rows k0 .. k0 + kk as P sub-tiles (kk / P, BN), or one tile in K
-    order for 8-bit elements."""
+    """Exact element values of rows k0 .. k0 + kk as P tiles (kk / P, BN), tile j holding k = k0 + P*r + j
+    (one tile for 8-bit elements)."""
     if el.bits == 8:
       return [decode.element_values(ld(w_ref, pl.ds(k0, kk), (kk, bn), col_ok), el)]
     rows = [pl.ds(k0 // p * b + j, kk // p, stride=b) if b > 1 else pl.ds(k0 // p, kk // p) for j in range(b)]
     codes = decode.unpack_groups([ld(w_ref, r, (kk // p, bn), col_ok) for r in rows], el)
     return [decode.element_values(c, el, zero_point_format=has_zero) for c in codes]
 
-  def x_tile(k0, kk):
-    return ld(x_ref, pl.ds(k0, kk), (bm, kk), row_ok)
-
-  def body_scaled_weights(i, acc):
-    """"subdots" and "interleave": weights scaled per element, then P dots or one dot per K step."""
+  def body(i, acc):
     k0 = i * bk
-    count = 1 if group >= bk else bk // group
-    s, z = scales(s_ref, k0, count), scales(z_ref, k0, count) if has_zero else None
-    vals = values(k0, bk)
-    one_tile = len(vals) == 1 or cfg.weights == "interleave"
-    if one_tile:
-      vals = [_interleave(vals)]
-    rows = vals[0].shape[0]
+    count = 1 if group >= bk else bk // group  # scale rows in this step
 
-    def spread(t):  # (count, BN) group rows to the (rows, BN) tile layout
-      return jnp.broadcast_to(t[:, None, :], (count, rows // count, bn)).reshape(rows, bn)
+    def spread(t):  # (count, BN) group rows to the (BK, BN) tile layout
+      return jnp.broadcast_to(t[:, None, :], (count, bk // count, bn)).reshape(bk, bn)
 
-    ws = [((v.astype(jnp.float32) - spread(z) if has_zero else v.astype(jnp.float32)) * spread(s)).astype(dtype)
-          for v in vals]
-    if one_tile:
-      return acc + _backend.dot(x_tile(k0, bk), ws[0])
-    for xj, wj in zip(_deinterleave(x_tile(k0, bk), p), ws):
-      acc = acc + _backend.dot(xj, wj)
-    return acc
+    v = _interleave(values(k0, bk)).astype(jnp.float32)
+    if has_zero:
+      v = v - spread(scales(z_ref, k0, count))
+    w = (v * spread(scales(s_ref, k0, count))).astype(dtype)
+    return acc + _backend.dot(ld(x_ref, pl.ds(k0, bk), (bm, bk), row_ok), w)
 
-  gk = min(group, bk)  # K rows under one scale row within a step
-
-  def body_group_dots(i, acc):
-    """"groupdots": per group, a dot of exact codes; its scale applied to the float32 partial sum."""
-    k0 = i * bk
-    for g in range(bk // gk):  # unrolled; each group's scale row is its own (1, BN) load
-      kg = k0 + g * gk
-      w = _interleave(values(kg, gk))
-      if has_zero:
-        w = w - scales(z_ref, kg, 1)
-      acc = acc + _backend.dot(x_tile(kg, gk), w.astype(dtype)) * scales(s_ref, kg, 1)
-    return acc
-
-  body = body_group_dots if cfg.weights == "groupdots" else body_scaled_weights
   acc = lax.fori_loop(0, k_total // bk, body, jnp.zeros((bm, bn), jnp.float32))
   if post != 1.0:
     acc = acc * post
