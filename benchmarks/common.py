@@ -29,10 +29,12 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def time_calls(fn: Callable, xs: Sequence, ws: Sequence) -> float:
-  """Seconds per call of fn(x, w): all len(xs) calls unrolled in one jit, call i on (xs[i], ws[i % len(ws)]).
+  """Seconds per call of fn(x, w): the calls fn(xs[i], ws[i]) unrolled in one jit.
 
-  The xs are distinct arrays so no two calls are common subexpressions; cycling over several weight sets keeps
-  weights that would fit in L2 from being read from it.
+  Every call gets its own activation and its own weights: XLA merges dots that share an operand and reuses a
+  dequantized weight across calls, and repeated weights that fit in L2 would be read from it.
   """
-  f = jax.jit(lambda xs, ws: [fn(x, ws[i % len(ws)]) for i, x in enumerate(xs)])
+  if len(xs) != len(ws):
+    raise ValueError("time_calls: one weight set per call")
+  f = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
   return bench(f, list(xs), list(ws), iters=5) / len(xs)

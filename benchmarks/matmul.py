@@ -13,7 +13,6 @@ Shapes are N x K (output features x input features).
 from __future__ import annotations
 
 import argparse
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +23,9 @@ from pallas_kernels import Config, dequant_matmul
 
 DEFAULT_FORMATS = ("mxfp4,nvfp4,int4_g128_sym,int4_g128_asym,int4_g32_sym,mxfp6_e2m3,mxfp6_e3m2,mxfp8_e4m3,"
                    "mxfp8_e5m2,int8_channel_sym")
-L2_BYTES = 50 << 20
 
 
-def _weight_sets(n, k, nbytes_each, make):
-  """Enough independent weight sets that cycling over them reads at least 3x the L2 from memory."""
-  count = min(4, max(2, math.ceil(3 * L2_BYTES / nbytes_each)))
+def _weight_sets(count, make):
   return [make(jax.random.key(100 + i)) for i in range(count)]
 
 
@@ -71,14 +67,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
   for shape in args.shapes.split(","):
     n, k = map(int, shape.split("x"))
-    bf16_ws = _weight_sets(n, k, 2 * n * k,
-                           lambda key: (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
     for m in map(int, args.ms.split(",")):
       xs = _xs(m, k)
+      bf16_ws = _weight_sets(len(xs), lambda key: (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(
+          jnp.bfloat16))
       t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
       t_sdg = None
       for name in args.formats.split(","):
-        qws = _weight_sets(n, k, n * k, lambda key, name=name: lb.quantize(
+        qws = _weight_sets(len(xs), lambda key, name=name: lb.quantize(
             (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16), name, axis=0))
         nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
         floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)

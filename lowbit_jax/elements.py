@@ -12,7 +12,7 @@ from jax import lax
 
 from lowbit_jax.formats import ElementType
 
-__all__ = ["floor_log2", "ldexp", "ldexp_fast", "round_to_grid", "encode", "decode", "div"]
+__all__ = ["floor_log2", "ldexp", "ldexp_fast", "ldexp_if", "round_to_grid", "encode", "decode", "div"]
 
 
 def _exp2i(n: jax.Array) -> jax.Array:
@@ -53,6 +53,13 @@ def ldexp(x: jax.Array, n) -> jax.Array:
   out = jnp.where(e > 127, inf, jnp.where(e >= -126, normal, sign | kept))
   out = jnp.where((biased == 255) | (mag == 0), bits, out)
   return lax.bitcast_convert_type(out, jnp.float32)
+
+
+def ldexp_if(tiny: jax.Array, x: jax.Array, n) -> jax.Array:
+  """`ldexp` where `tiny` (a scalar: may anything be subnormal?) says it is needed, else `ldexp_fast`.
+
+  A branch on the whole array, so the common case pays for two multiplies instead of the bit arithmetic."""
+  return lax.cond(tiny, ldexp, ldexp_fast, x, jnp.broadcast_to(jnp.asarray(n, jnp.int32), jnp.shape(x)))
 
 
 def floor_log2(a: jax.Array) -> jax.Array:

@@ -126,7 +126,9 @@ def _dequantize(q: QArray, dtype):
   s = jnp.expand_dims(q.scale, red)
   if fmt.rule == "mx":
     bits = jax.lax.bitcast_convert_type(s, jnp.uint8).astype(jnp.int32)
-    out = jnp.where(bits == 255, jnp.nan, elements.ldexp(vb, bits - 127))
+    # Results can be subnormal only under scales below 2^(-126 - emin + mantissa); check once per array.
+    tiny = jnp.any(bits < 127 - 126 - fmt.element_type.emin + fmt.element_type.mantissa + 1)
+    out = jnp.where(bits == 255, jnp.nan, elements.ldexp_if(tiny, vb, jnp.broadcast_to(bits - 127, vb.shape)))
   else:
     sf = s.astype(jnp.float32)
     if fmt.zero_point:
