@@ -41,7 +41,7 @@ def _sdg(x, w_nk):
 
 
 def _config(text: str) -> Config:
-  """bm:bn:bk:warps:stages."""
+  """bm:bn:bk:warps:stages[:split_k]."""
   return Config(*map(int, text.split(":")))
 
 
@@ -50,7 +50,7 @@ def main() -> None:
   p.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672")
   p.add_argument("--ms", default="1,16,64,256,2048,8192")
   p.add_argument("--formats", default=DEFAULT_FORMATS)
-  p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages,... to time kernel configs")
+  p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages[:split_k],... to time kernel configs")
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
   args = p.parse_args()
   bw = copy_bandwidth()
@@ -59,7 +59,7 @@ def main() -> None:
         "TFLOP/s); speed-ups are XLA time / kernel time from this run\n")
   sweep = [_config(c) for c in args.sweep.split(",") if c]
   if sweep:
-    print("| format | M | N | K | bm:bn:bk:warps:stages | us | of floor |")
+    print("| format | M | N | K | bm:bn:bk:warps:stages:split_k | us | of floor |")
     print("|---|---|---|---|---|---|---|")
   else:
     print("| format | M | N | K | kernel us | TFLOP/s | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
@@ -83,7 +83,7 @@ def main() -> None:
             try:
               t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
                   x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
-              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages} | "
+              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{cfg.split_k} | "
                     f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
             except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
               print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)

@@ -32,12 +32,17 @@ __all__ = ["Config", "dequant_matmul", "supports", "default_config", "k_multiple
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tile sizes and launch parameters. BK is in elements of K; all sizes are powers of two."""
+  """Tile sizes and launch parameters. BK is in elements of K; all sizes are powers of two.
+
+  split_k: programs sharing one output tile, each over a 1/split_k slice of K; their float32 partial sums are
+  added afterwards. It gives every SM weights to stream when N / BN programs would leave most of them idle.
+  """
   bm: int
   bn: int
   bk: int
   num_warps: int = 4
   num_stages: int = 3
+  split_k: int = 1
 
 
 def supports(fmt: Format) -> str | None:
@@ -56,7 +61,7 @@ def default_config(m: int, n: int, k: int, fmt: Format) -> Config:
   p = decode.codes_per_group(fmt.element_type)
   if m <= 16:  # weight streaming: one row block, narrow column tiles so every SM has work
     few_groups = fmt.block is None or fmt.block[0] >= 128
-    cfg = Config(16, 64, 512 if few_groups else 256, num_warps=4, num_stages=4)
+    cfg = Config(16, 64, 512 if few_groups else 256, num_warps=4, num_stages=4, split_k=_split_for(-(-n // 64)))
   elif m <= 64:
     cfg = Config(64, 64, 128, num_warps=4, num_stages=4)
   elif m <= 256:
@@ -74,11 +79,25 @@ def k_multiple(fmt: Format) -> int:
 
 
 def fit_config(cfg: Config, k: int, p: int) -> Config:
-  """Shrinks BK to a power of two dividing `k` (a multiple of `k_multiple`)."""
+  """Shrinks BK to a power of two dividing `k` (a multiple of `k_multiple`), and split_k to divide the steps."""
   bk = cfg.bk
   while k % bk:
     bk //= 2
-  return dataclasses.replace(cfg, bk=bk)
+  split = max(1, min(cfg.split_k, k // bk))
+  while (k // bk) % split:
+    split -= 1
+  return dataclasses.replace(cfg, bk=bk, split_k=split)
+
+
+_SMS = 132  # streaming multiprocessors of an H100 SXM / H200
+
+
+def _split_for(programs: int) -> int:
+  """split_k that brings the programs of a weight-streaming launch to about two per SM."""
+  split = 1
+  while programs * split < 2 * _SMS and split < 8:
+    split *= 2
+  return split
 
 
 def _interleave(parts: list) -> jax.Array:
@@ -148,7 +167,9 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
     w = (v * spread(scales(s_ref, k0, count))).astype(dtype)
     return acc + _backend.dot(ld(x_ref, pl.ds(k0, bk), (bm, bk), row_ok), w)
 
-  acc = lax.fori_loop(0, k_total // bk, body, jnp.zeros((bm, bn), jnp.float32))
+  steps = k_total // bk // cfg.split_k
+  first = pl.program_id(2) * steps if cfg.split_k > 1 else 0
+  acc = lax.fori_loop(first, first + steps, body, jnp.zeros((bm, bn), jnp.float32))
   if post != 1.0:
     acc = acc * post
   if has_g:
@@ -212,8 +233,17 @@ def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "t
   kernel = functools.partial(
       _kernel, fmt=fmt, group=group, cfg=cfg, m=m, n=n, k_total=kp, backend=backend, has_zero=w.zero_point is not None,
       has_g=w.tensor_scale is not None, post=decode.post_factor(el, fmt.rule == "mx"))
-  return _backend.call(
-      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(pl.cdiv(m, cfg.bm), pl.cdiv(n, cfg.bn)), in_specs=in_specs,
-      out_specs=pl.BlockSpec((cfg.bm, cfg.bn), lambda i, j: (i, j)),
-      num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=f"dequant_matmul_{fmt.name}")(*operands)
+  name = f"dequant_matmul_{fmt.name}"
+  if cfg.split_k == 1:
+    return _backend.call(
+        kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(pl.cdiv(m, cfg.bm), pl.cdiv(n, cfg.bn)), in_specs=in_specs,
+        out_specs=pl.BlockSpec((cfg.bm, cfg.bn), lambda i, j: (i, j)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name)(*operands)
+  specs3 = [pl.BlockSpec(sp.block_shape, lambda i, j, s, f=sp.index_map: f(i, j)) for sp in in_specs]
+  parts = _backend.call(
+      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32),
+      grid=(pl.cdiv(m, cfg.bm), pl.cdiv(n, cfg.bn), cfg.split_k), in_specs=specs3,
+      out_specs=pl.BlockSpec((None, cfg.bm, cfg.bn), lambda i, j, s: (s, i, j)),
+      num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name)(*operands)
+  return jnp.sum(parts, axis=0).astype(out_dtype)

@@ -57,6 +57,15 @@ def test_kernel_default_tile_shapes(cfg):
   assert_close(y, reference(x, w), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_kernel_split_k(split_k):
+  # Partial sums over slices of K; 3 does not divide the 8 K steps and is fitted down to 2.
+  x, w = _operands(3, 512, 72, "nvfp4", seed=4)
+  cfg = Config(16, 32, 64, split_k=split_k)
+  y = dequant_matmul(x, w, backend="triton" if KERNEL == "pallas" else "interpret", config=cfg)
+  assert_close(y, reference(x, w), jnp.bfloat16)
+
+
 def test_kernel_float16_and_output_dtype():
   x, w = _operands(4, 128, 64, "int4_g32_asym", dtype=jnp.float16)
   y = lb.matmul(x, w, backend=KERNEL)
