@@ -14,6 +14,8 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
+from lowbit_jax import packing
+
 __all__ = ["ElementType", "Format", "ELEMENTS", "formats", "get_format", "register_format"]
 
 
@@ -108,7 +110,7 @@ class Format:
       if not 1 <= len(self.block) <= 2 or any(b < 1 for b in self.block):
         raise ValueError(f"Format {self.name!r}: block must be 1 or 2 positive sizes or None, got {self.block}.")
     el = ELEMENTS[self.element]
-    per_byte = {4: 2, 6: 4}.get(el.bits, 1)
+    per_byte = packing.codes_per_group(el.bits)
     if self.block is not None and self.block[-1] % per_byte:
       raise ValueError(f"Format {self.name!r}: {el.bits}-bit codes pack {per_byte} to a group, so the block "
                        f"along the packed axis must be a multiple of {per_byte}, got {self.block[-1]}.")

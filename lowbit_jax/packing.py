@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["codes_per_group", "pack", "unpack", "packed_length"]
+__all__ = ["codes_per_group", "bytes_per_group", "pack", "unpack"]
 
 # codes per packing group and bytes per group, by element bits
 _GROUPS = {4: (2, 1), 6: (4, 3), 8: (1, 1)}
@@ -23,10 +23,9 @@ def codes_per_group(bits: int) -> int:
   return _GROUPS[bits][0]
 
 
-def packed_length(length: int, bits: int) -> int:
-  """Bytes along the packed axis for `length` codes (a multiple of `codes_per_group(bits)`)."""
-  n, b = _GROUPS[bits]
-  return length // n * b
+def bytes_per_group(bits: int) -> int:
+  """Bytes of one packing group."""
+  return _GROUPS[bits][1]
 
 
 def _split(x: jax.Array, axis: int, parts: int) -> list[jax.Array]:

@@ -6,7 +6,6 @@ and benchmarked against.
 
 from __future__ import annotations
 
-import jax
 from jax import lax
 
 from lowbit_jax.qarray import QArray

@@ -14,16 +14,7 @@ from jax import lax
 
 from lowbit_jax.formats import ElementType
 
-__all__ = ["element_values", "post_factor", "mx_scale", "codes_per_group", "bytes_per_group"]
-
-
-def codes_per_group(el: ElementType) -> int:
-  """Codes sharing one packing group along K (REFERENCE section 3)."""
-  return {4: 2, 6: 4, 8: 1}[el.bits]
-
-
-def bytes_per_group(el: ElementType) -> int:
-  return {4: 1, 6: 3, 8: 1}[el.bits]
+__all__ = ["element_values", "post_factor", "mx_scale", "unpack_groups"]
 
 
 def unpack_groups(byte_tiles: list, el: ElementType) -> list:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from lowbit_jax import packing
 from lowbit_jax.formats import Format
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
@@ -58,7 +59,7 @@ def supports(fmt: Format) -> str | None:
 
 def default_config(m: int, n: int, k: int, fmt: Format) -> Config:
   """Tiles by regime of M (rows of the activation), from the sweeps in BENCHMARKS.md (H100, N = K = 8192)."""
-  p = decode.codes_per_group(fmt.element_type)
+  p = packing.codes_per_group(fmt.element_type.bits)
   if m <= 16:  # weight streaming: one row block, narrow column tiles so every SM has work
     few_groups = fmt.block is None or fmt.block[0] >= 128
     cfg = Config(16, 64, 512 if few_groups else 256, num_warps=4, num_stages=4, split_k=_split_for(-(-n // 64)))
@@ -74,7 +75,7 @@ def default_config(m: int, n: int, k: int, fmt: Format) -> Config:
 def k_multiple(fmt: Format) -> int:
   """The kernel walks K in steps with >= 16 rows per sub-product (the smallest MMA), so K is padded to a
   multiple of 16 * P (and of the group size)."""
-  p = decode.codes_per_group(fmt.element_type)
+  p = packing.codes_per_group(fmt.element_type.bits)
   return max(16 * p, fmt.block[0] if fmt.block else 1)
 
 
@@ -121,7 +122,7 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
   g_ref = refs[3 + has_zero] if has_g else None
   o_ref = refs[-1]
   el = fmt.element_type
-  p, b = decode.codes_per_group(el), decode.bytes_per_group(el)
+  p, b = packing.codes_per_group(el.bits), packing.bytes_per_group(el.bits)
   bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
   dtype = x_ref.dtype
   # Ragged edges: Pallas's Triton lowering reads and writes whole blocks, so overhanging rows of x and columns
@@ -197,7 +198,7 @@ def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "t
     raise ValueError(f"dequant_matmul: x has K = {k} but w has K = {w.shape[0]}.")
   n = w.shape[1]
   el = fmt.element_type
-  p, b = decode.codes_per_group(el), decode.bytes_per_group(el)
+  p, b = packing.codes_per_group(el.bits), packing.bytes_per_group(el.bits)
   kq = w.data.shape[0] // b * p  # K as stored: padded to whole blocks and packing groups
   kp = -(-kq // k_multiple(fmt)) * k_multiple(fmt)
   data, scale, zero = w.data, w.scale, w.zero_point
