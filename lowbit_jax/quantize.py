@@ -140,6 +140,31 @@ def _dequantize(q: QArray, dtype):
   return out.astype(dtype)
 
 
+def _fused(fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -> bool:
+  """Whether the fused Pallas kernels (pallas_kernels/quantize.py) take this call: an NVIDIA GPU, an MX format
+  they support, blocks along the last axis of whole blocks, nearest rounding. They store the same bits."""
+  if (rounding != "nearest" or not shape or axis != len(shape) - 1 or shape[-1] % 32 or 0 in shape
+      or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))):
+    return False
+  from pallas_kernels.backend import gpu_available
+  from pallas_kernels.quantize import supports
+  return gpu_available() and supports(fmt) is None
+
+
+def _quantize_fused(x, fmt: Format, scale_mode: str) -> QArray:
+  from pallas_kernels.quantize import mx_quantize
+  lead, c = x.shape[:-1], x.shape[-1]
+  data, scale = mx_quantize(x.reshape(-1, c), fmt, scale_mode=scale_mode)
+  return QArray(data.reshape(lead + data.shape[-1:]), scale.reshape(lead + scale.shape[-1:]), None, None,
+                format=fmt, axis=-1, lengths=(c,), dtype=x.dtype)
+
+
+def _dequantize_fused(q: QArray, dtype) -> jax.Array:
+  from pallas_kernels.quantize import mx_dequantize
+  y = mx_dequantize(q.data.reshape(-1, q.data.shape[-1]), q.scale.reshape(-1, q.scale.shape[-1]), q.format, dtype)
+  return y.reshape(q.shape)
+
+
 _quantize_jit = jax.jit(_quantize, static_argnames=("fmt", "axes", "scale_mode", "rounding"))
 _dequantize_jit = jax.jit(_dequantize, static_argnames=("dtype",))
 
@@ -152,7 +177,8 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
 
   Computes in float32 and rounds each element with its block's scale as stored (REFERENCE section 2), so
   `dequantize(quantize(x))` is exactly what a kernel reading the stored bits sees. A ragged block axis is
-  zero-padded to whole blocks; the logical shape is kept.
+  zero-padded to whole blocks; the logical shape is kept. On an NVIDIA GPU, MX formats (8- and 4-bit) blocked along
+  the last axis run a fused Pallas kernel that stores the same bits; everything else is an XLA computation.
 
   Args:
     x: a floating array of any rank (bf16, f16, f32, ...).
@@ -199,6 +225,8 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
     key = None
   if tensor_scale is not None:
     tensor_scale = _check_tensor_scale(tensor_scale, fmt)
+  if _fused(fmt, np.shape(x), axes[-1], dtype, rounding):
+    return _quantize_fused(x, fmt, scale_mode)
   return _quantize_jit(x, key, tensor_scale, fmt=fmt, axes=axes, scale_mode=scale_mode, rounding=rounding)
 
 
@@ -231,4 +259,6 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   dtype = q.dtype if dtype is None else np.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}.")
+  if _fused(q.format, q.shape, q.axis, dtype) and q.data.shape[-1] * 8 // q.format.element_type.bits == q.shape[-1]:
+    return _dequantize_fused(q, dtype)
   return _dequantize_jit(q, dtype)
