@@ -140,15 +140,24 @@ def _dequantize(q: QArray, dtype):
   return out.astype(dtype)
 
 
-def _fused(fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -> bool:
+def _fused(x, fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -> bool:
   """Whether the fused Pallas kernels (pallas_kernels/quantize.py) take this call: an NVIDIA GPU, an MX format
   they support, blocks along the last axis of whole blocks, nearest rounding. They store the same bits."""
   if (rounding != "nearest" or not shape or axis != len(shape) - 1 or shape[-1] % 32 or 0 in shape
       or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))):
     return False
-  from pallas_kernels.backend import gpu_available
   from pallas_kernels.quantize import supports
-  return gpu_available() and supports(fmt) is None
+  return _platform(x) == "gpu" and supports(fmt) is None
+
+
+def _platform(x) -> str:
+  """The platform `x` lives on: its device if it is a concrete array, else where new arrays go."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    return next(iter(x.devices())).platform
+  dev = jax.config.jax_default_device
+  if dev is None:
+    return jax.default_backend()
+  return dev if isinstance(dev, str) else dev.platform
 
 
 def _quantize_fused(x, fmt: Format, scale_mode: str) -> QArray:
@@ -225,7 +234,7 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
     key = None
   if tensor_scale is not None:
     tensor_scale = _check_tensor_scale(tensor_scale, fmt)
-  if _fused(fmt, np.shape(x), axes[-1], dtype, rounding):
+  if _fused(x, fmt, np.shape(x), axes[-1], dtype, rounding):
     return _quantize_fused(x, fmt, scale_mode)
   return _quantize_jit(x, key, tensor_scale, fmt=fmt, axes=axes, scale_mode=scale_mode, rounding=rounding)
 
@@ -259,6 +268,6 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   dtype = q.dtype if dtype is None else np.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}.")
-  if _fused(q.format, q.shape, q.axis, dtype) and q.data.shape[-1] * 8 // q.format.element_type.bits == q.shape[-1]:
+  if _fused(q.data, q.format, q.shape, q.axis, dtype) and q.data.shape[-1] * 8 // q.format.element_type.bits == q.shape[-1]:
     return _dequantize_fused(q, dtype)
   return _dequantize_jit(q, dtype)
