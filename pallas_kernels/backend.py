@@ -21,6 +21,10 @@ __all__ = ["BACKENDS", "call", "dot", "gpu_available", "load", "store"]
 
 BACKENDS = ("triton", "interpret")
 
+# Tests set this: every output buffer then starts as NaN (floats) or all-ones bits (integers) and is aliased into
+# the kernel, so an element a kernel never writes shows up instead of passing as whatever memory held.
+POISON = False
+
 
 def _compiler_params(num_warps: int, num_stages: int) -> Any:
   # JAX 0.10 and 0.11 both expose the Triton params here; older names are not supported.
@@ -34,9 +38,32 @@ def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
   interpret = backend == "interpret"
-  return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages), name=name)
+  params = None if interpret else _compiler_params(num_warps, num_stages)
+  if not POISON:
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          interpret=interpret, compiler_params=params, name=name)
+  outs = jax.tree_util.tree_leaves(out_shape)
+  out_list = list(out_specs) if isinstance(out_specs, (tuple, list)) else [out_specs]
+
+  def poisoned(*args):
+    n_in, n_out = len(args), len(outs)
+
+    def body(*refs):  # drop the aliased poison inputs; the kernel sees its own refs
+      kernel(*refs[:n_in], *refs[n_in + n_out:])
+
+    f = pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=list(in_specs) + out_list,
+                       out_specs=out_specs, interpret=interpret, compiler_params=params, name=name,
+                       input_output_aliases={n_in + i: i for i in range(n_out)})
+    return f(*args, *map(_poison, outs))
+
+  return poisoned
+
+
+def _poison(out: jax.ShapeDtypeStruct) -> jax.Array:
+  dtype = jnp.dtype(out.dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.full(out.shape, jnp.nan, dtype)
+  return jnp.full(out.shape, -1 if jnp.issubdtype(dtype, jnp.signedinteger) else jnp.iinfo(dtype).max, dtype)
 
 
 def dot(a, b):
