@@ -45,7 +45,7 @@ def _warn_once(reason: str) -> None:
 
 def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   """Returns "pallas", "interpret" or "xla" for this call."""
-  from pallas_kernels.backend import gpu_available
+  from pallas_kernels.backend import on_gpu
   backend = backend or "auto"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -58,11 +58,11 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if backend in ("pallas", "interpret"):
     if reason:
       raise ValueError(f"backend={backend!r} cannot run this call: {reason}.")
-    if backend == "pallas" and not gpu_available():
+    if backend == "pallas" and not on_gpu(lhs):
       raise ValueError("backend='pallas' needs an NVIDIA GPU; use backend='interpret' to run the kernel on "
                        "this device through Pallas's interpreter.")
     return backend
-  if not gpu_available():
+  if not on_gpu(lhs):
     return "xla"
   if reason:
     _warn_once(reason)

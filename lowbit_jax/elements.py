@@ -12,10 +12,10 @@ from jax import lax
 
 from lowbit_jax.formats import ElementType
 
-__all__ = ["floor_log2", "ldexp", "ldexp_fast", "ldexp_if", "round_to_grid", "encode", "decode", "div"]
+__all__ = ["exp2i", "floor_log2", "ldexp", "ldexp_fast", "ldexp_if", "round_to_grid", "encode", "decode", "div"]
 
 
-def _exp2i(n: jax.Array) -> jax.Array:
+def exp2i(n: jax.Array) -> jax.Array:
   """2^n as float32 for integer n in [-126, 127], built from its bit pattern."""
   return lax.bitcast_convert_type(((n + 127) << 23).astype(jnp.int32), jnp.float32)
 
@@ -24,7 +24,7 @@ def ldexp_fast(x: jax.Array, n) -> jax.Array:
   """x * 2^n by two multiplies by normal powers of two; exact when x and the result are normal floats."""
   n = jnp.asarray(n, jnp.int32)
   n1 = n >> 1
-  return x * _exp2i(n1) * _exp2i(n - n1)
+  return x * exp2i(n1) * exp2i(n - n1)
 
 
 def ldexp(x: jax.Array, n) -> jax.Array:
@@ -101,7 +101,7 @@ def decode(codes: jax.Array, el: ElementType) -> jax.Array:
   m = el.mantissa
   exp_field = (c >> m) & ((1 << (el.bits - 1 - m)) - 1)
   sig = (c & ((1 << m) - 1)) + jnp.where(exp_field > 0, 1 << m, 0)
-  v = sig.astype(jnp.float32) * _exp2i(jnp.maximum(exp_field, 1) + el.emin - 1 - m)
+  v = sig.astype(jnp.float32) * exp2i(jnp.maximum(exp_field, 1) + el.emin - 1 - m)
   return jnp.where((c >> (el.bits - 1)) & 1 == 1, -v, v)
 
 
@@ -128,8 +128,8 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
   ql, bl = qa - qh, bb - bh
   r = (((aa - qh * bh) - qh * bl) - ql * bh) - ql * bl  # aa - qa * bb, exactly
   e = floor_log2(qa)
-  u = _exp2i(jnp.maximum(e - 23, -126))  # ulp of qa (qa >= 2^-100 here)
-  u_down = jnp.where(qa == _exp2i(jnp.clip(e, -126, 127)), u * 0.5, u)  # below a power of two the spacing halves
+  u = exp2i(jnp.maximum(e - 23, -126))  # ulp of qa (qa >= 2^-100 here)
+  u_down = jnp.where(qa == exp2i(jnp.clip(e, -126, 127)), u * 0.5, u)  # below a power of two the spacing halves
   half_up, half_down = u * bb * 0.5, u_down * bb * 0.5  # powers of two times b: exact
   odd = (lax.bitcast_convert_type(qa, jnp.uint32) & 1) == 1
   up = (r > half_up) | ((r == half_up) & odd)

@@ -146,18 +146,9 @@ def _fused(x, fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -
   if (rounding != "nearest" or not shape or axis != len(shape) - 1 or shape[-1] % 32 or 0 in shape
       or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))):
     return False
+  from pallas_kernels.backend import on_gpu
   from pallas_kernels.quantize import supports
-  return _platform(x) == "gpu" and supports(fmt) is None
-
-
-def _platform(x) -> str:
-  """The platform `x` lives on: its device if it is a concrete array, else where new arrays go."""
-  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-    return next(iter(x.devices())).platform
-  dev = jax.config.jax_default_device
-  if dev is None:
-    return jax.default_backend()
-  return dev if isinstance(dev, str) else dev.platform
+  return on_gpu(x) and supports(fmt) is None
 
 
 def _quantize_fused(x, fmt: Format, scale_mode: str) -> QArray:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "dot", "gpu_available", "load", "store"]
+__all__ = ["BACKENDS", "call", "dot", "gpu_available", "load", "on_gpu", "store"]
 
 BACKENDS = ("triton", "interpret")
 
@@ -99,3 +99,14 @@ def store(ref, value, mask=None, *, backend: str):
 def gpu_available() -> bool:
   """Whether the default JAX backend is an NVIDIA GPU the Triton backend can compile for."""
   return jax.default_backend() == "gpu"
+
+
+def on_gpu(x) -> bool:
+  """Whether `x` lives on a GPU: its device if it is a concrete array, else where new arrays go (a
+  `jax.default_device(cpu)` context on a GPU machine keeps calls on the CPU)."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    return next(iter(x.devices())).platform == "gpu"
+  dev = jax.config.jax_default_device
+  if dev is None:
+    return gpu_available()
+  return (dev if isinstance(dev, str) else dev.platform) == "gpu"

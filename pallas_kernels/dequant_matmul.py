@@ -57,9 +57,9 @@ def supports(fmt: Format) -> str | None:
   return None
 
 
-def default_config(m: int, n: int, k: int, fmt: Format) -> Config:
-  """Tiles by regime of M (rows of the activation), from the sweeps in BENCHMARKS.md (H100, N = K = 8192)."""
-  p = packing.codes_per_group(fmt.element_type.bits)
+def default_config(m: int, n: int, fmt: Format) -> Config:
+  """Tiles by regime of M (rows of the activation), from the sweeps in BENCHMARKS.md (H100, N = K = 8192);
+  `fit_config` then fits them to K."""
   if m <= 16:  # weight streaming: one row block, narrow column tiles so every SM has work
     few_groups = fmt.block is None or fmt.block[0] >= 128
     cfg = Config(16, 64, 512 if few_groups else 256, num_warps=4, num_stages=4, split_k=_split_for(-(-n // 64)))
@@ -69,7 +69,7 @@ def default_config(m: int, n: int, k: int, fmt: Format) -> Config:
     cfg = Config(128, 128, 128, num_warps=8, num_stages=3)
   else:
     cfg = Config(128, 256, 32, num_warps=8, num_stages=4)
-  return fit_config(cfg, k, p)
+  return cfg
 
 
 def k_multiple(fmt: Format) -> int:
@@ -79,7 +79,7 @@ def k_multiple(fmt: Format) -> int:
   return max(16 * p, fmt.block[0] if fmt.block else 1)
 
 
-def fit_config(cfg: Config, k: int, p: int) -> Config:
+def fit_config(cfg: Config, k: int) -> Config:
   """Shrinks BK to a power of two dividing `k` (a multiple of `k_multiple`), and split_k to divide the steps."""
   bk = cfg.bk
   while k % bk:
@@ -217,7 +217,7 @@ def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "t
   if kp != k:
     x = jnp.pad(x, ((0, 0), (0, kp - k)))
   group = kp if fmt.block is None else fmt.block[0]
-  cfg = fit_config(config or default_config(m, n, kp, fmt), kp, p)
+  cfg = fit_config(config or default_config(m, n, fmt), kp)
   out_dtype = x.dtype if out_dtype is None else out_dtype
   operands = [x, data, scale]
   in_specs = [

@@ -80,18 +80,6 @@ def _u32(x):
   return lax.bitcast_convert_type(x, jnp.uint32)
 
 
-def _pow2(n):
-  """2^n as float32 for integer n in [-126, 127], from its bit pattern."""
-  return _f32((n + 127) << 23)
-
-
-def _scale_by(x, n):
-  """`elements.ldexp_fast(x, n)` with n constant along the last axis (size 1 there): the powers are built once
-  per block and broadcast."""
-  n1 = n >> 1
-  return x * _pow2(n1) * _pow2(n - n1)
-
-
 def _rne(a):
   """round(a) as int32 for float32 0 <= a < 2^22, ties to even (Pallas's Triton lowering has no round, and XLA
   folds the add-and-subtract-2^23 trick): the integer part and the exact fraction of a."""
@@ -109,7 +97,7 @@ def _float_codes(y, el: ElementType):
   bits = _i32(y)
   mag = bits & 0x7FFFFFFF
   e = jnp.maximum((mag >> 23) - 127, el.emin)
-  r = _rne(_f32(mag) * _pow2(m - e))  # exact: a power of two in the normal range
+  r = _rne(_f32(mag) * elements.exp2i(m - e))  # exact: a power of two in the normal range
   top = int(el.max * 2.0 ** (m - el.emax)) + ((el.emax - el.emin) << m)
   code = jnp.minimum(r + ((e - el.emin) << m), top)
   return (code | (lax.shift_right_logical(bits, 31) << (el.bits - 1))).astype(jnp.uint8)
@@ -143,7 +131,7 @@ def _quantize_kernel(x_ref, d_ref, s_ref, *, el: ElementType, mode: str, rows: i
   e = _exponent(_f32(jnp.where(nonzero, amax, 0x3F800000)), el, mode)
   e = jnp.where(nonzero, jnp.clip(e, -127, 127), -127)
   sbits = jnp.where(all_finite, e + 127, 255)
-  y = _scale_by(x, -e)
+  y = elements.ldexp_fast(x, -e)
   ok = all_finite & nonzero
   if el.kind == "float":
     codes = jnp.where(ok, _float_codes(y, el), 0)
@@ -213,7 +201,7 @@ def _dequantize_kernel(d_ref, s_ref, o_ref, *, el: ElementType, rows: int, backe
   else:  # MXINT8 codes are fixed point 1.6
     v = elements.ldexp_fast(lax.bitcast_convert_type(d, jnp.int8).astype(jnp.float32), -el.mantissa)
   s = sbits.astype(jnp.int32).reshape(br, nb, 1)
-  out = jnp.where(s == 255, jnp.nan, _scale_by(v.reshape(br, nb, _BLOCK), s - 127))
+  out = jnp.where(s == 255, jnp.nan, elements.ldexp_fast(v.reshape(br, nb, _BLOCK), s - 127))
   out = out.reshape(br, ct).astype(o_ref.dtype)
   _backend.store(o_ref, out, _row_mask(br, rows, out.shape), backend=backend)
 
