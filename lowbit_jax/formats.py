@@ -64,6 +64,8 @@ ELEMENTS: dict[str, ElementType] = {
     # MX view of an integer: 1.(bits-2) fixed point, emax 0, largest value (2^(bits-1)-1) / 2^(bits-2).
     "int8": ElementType("int8", 8, "int", mantissa=6, emin=0, emax=0, max=127 / 64),
     "int4": ElementType("int4", 4, "int", mantissa=2, emin=0, emax=0, max=7 / 4),
+    "int3": ElementType("int3", 3, "int", mantissa=1, emin=0, emax=0, max=3 / 2),
+    "int2": ElementType("int2", 2, "int", mantissa=0, emin=0, emax=0, max=1.0),
 }
 
 SCALE_TYPES = ("float8_e8m0fnu", "float8_e4m3fn", "bfloat16", "float16", "float32")
@@ -163,8 +165,9 @@ def _registry() -> dict[str, Format]:
       Format("mxint8", "int8", (32,), "float8_e8m0fnu"),
       Format("nvfp4", "float4_e2m1fn", (16,), "float8_e4m3fn", tensor_scale=True),
   ]
-  for bits in (4, 8):
-    for group in (32, 64, 128, None):
+  # 2- and 3-bit integers (HQQ-style weights) come in groups only, no per-channel variants.
+  for bits, groups in ((4, (32, 64, 128, None)), (8, (32, 64, 128, None)), (2, (32, 64, 128)), (3, (32, 64, 128))):
+    for group in groups:
       for sym in ("sym", "asym"):
         g = "channel" if group is None else f"g{group}"
         fs.append(Format(f"int{bits}_{g}_{sym}", f"int{bits}", None if group is None else (group,), "bfloat16",

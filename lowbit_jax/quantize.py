@@ -97,7 +97,8 @@ def _codes(q, fmt: Format, axis):
     q = elements.ldexp_fast(q, el.mantissa)
   if el.bits == 8:
     return q.astype(jnp.uint8 if fmt.zero_point else jnp.int8)
-  return packing.pack((q.astype(jnp.int32) & 0xF).astype(jnp.uint8), el.bits, axis)
+  # Sub-byte codes: the low `bits` bits (two's complement for symmetric formats).
+  return packing.pack((q.astype(jnp.int32) & ((1 << el.bits) - 1)).astype(jnp.uint8), el.bits, axis)
 
 
 def _element_values(q: QArray) -> jax.Array:
@@ -108,8 +109,9 @@ def _element_values(q: QArray) -> jax.Array:
       return q.data.astype(jnp.float32)
     return elements.decode(packing.unpack(q.data, el.bits, q.axis), el)
   c = packing.unpack(q.data, el.bits, q.axis).astype(jnp.int32)
-  if el.bits == 4 and not fmt.zero_point:
-    c = (c ^ 8) - 8  # sign-extend the nibble
+  if el.bits < 8 and not fmt.zero_point:
+    h = 1 << (el.bits - 1)
+    c = (c ^ h) - h  # sign-extend the sub-byte two's complement code (int8 data is already signed)
   v = c.astype(jnp.float32)
   return elements.ldexp_fast(v, -el.mantissa) if fmt.rule == "mx" else v
 

@@ -13,8 +13,11 @@ Decisions where the spec is silent (see the test report):
 - Element rounding is IEEE round-to-nearest-even, so a negative value that rounds to zero gives a negative zero code
   for the float element types (sign bit set), as an ml_dtypes cast does; integer codes have no -0. Blocks that
   DESIGN says are "all zero" (all-zero block, NVFP4 s_b == 0, integer scale 0, NaN/Inf block) get code 0.
-- Padding (to whole blocks, to an even length for 4-bit, to a multiple of 4 for 6-bit) is done on the input, with
-  zeros, before quantization, so a padded slot holds the code of 0.0 (for asymmetric integers: the zero point z).
+- Padding (to whole blocks, then to whole packing groups: a multiple of 4 for 2-bit, 8 for 3-bit, 2 for 4-bit, 4 for
+  6-bit) is done on the input, with zeros, before quantization, so a padded slot holds the code of 0.0 (for
+  asymmetric integers: the zero point z).
+- A finite float scale past the range of its storage type saturates to the largest finite value (DESIGN; reached
+  by symmetric int2, whose s = amax, for amax near float32 max).
 """
 import math
 
@@ -84,6 +87,8 @@ ELEMENTS = {
     "mxint8": Element("mxint8", 8, None, emax=0, mbits=6, int_frac_bits=6),  # q * 2^-6, |q| <= 127
     "int8": Element("int8", 8, None, int_frac_bits=0),
     "int4": Element("int4", 4, None, int_frac_bits=0),
+    "int3": Element("int3", 3, None, int_frac_bits=0),
+    "int2": Element("int2", 2, None, int_frac_bits=0),
 }
 E4M3 = ELEMENTS["float8_e4m3fn"]
 
@@ -101,6 +106,10 @@ def _registry():
             for sym in ("sym", "asym"):
                 f[f"int{b}_{g}_{sym}"] = dict(kind="int", element=f"int{b}", bits=b, asym=sym == "asym",
                                               block=None if g == "channel" else (int(g[1:]),))
+    for b in (2, 3):
+        for g in (32, 64, 128):
+            for sym in ("sym", "asym"):
+                f[f"int{b}_g{g}_{sym}"] = dict(kind="int", element=f"int{b}", bits=b, asym=sym == "asym", block=(g,))
     f["fp8_block_1x128"] = dict(kind="fp8block", element="float8_e4m3fn", block=(128,))
     f["fp8_block_128x128"] = dict(kind="fp8block", element="float8_e4m3fn", block=(128, 128))
     return f
@@ -180,7 +189,11 @@ def _nvfp4_block(xb, el, g):
 
 
 def _to_bf16(v):
-    return np.float32(np.float32(v).astype(ml_dtypes.bfloat16))
+    """RNE to bfloat16; a finite value past bfloat16's range saturates to its largest finite value (DESIGN)."""
+    r = np.float32(np.float32(v).astype(ml_dtypes.bfloat16))
+    if np.isinf(r) and np.isfinite(v):
+        r = np.float32(math.copysign(float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), v))
+    return r
 
 
 def _int_block(xb, el, bits, asym):
@@ -195,7 +208,8 @@ def _int_block(xb, el, bits, asym):
         if s == 0:
             return np.zeros(n, np.int64), s, None, np.zeros(n)
         q = np.clip(np.rint(xb / s), -qmax, qmax).astype(np.int64)  # xb / s in float32; rint is RNE
-        vals = s * q.astype(f32)
+        with np.errstate(over="ignore"):  # int3: s = bf16(amax / 3) rounded up, times 3, can pass float32 max: inf
+            vals = s * q.astype(f32)
         return q, s, None, vals
     qmax = 2 ** bits - 1
     lo = min(f32(np.min(xb)), f32(0))
@@ -224,13 +238,28 @@ def _fp8block_block(xb, el):
 
 # ----------------------------------------------------------------------------------------------------------------
 # storage: codes -> packed data, scales -> storage dtype
+CODES_PER_GROUP = {2: 4, 3: 8, 4: 2, 6: 4, 8: 1}  # the packed axis is padded to a multiple of this
+
+
 def _pack(codes, el, asym):
     """codes: int64 array, blocked axis last. Returns the stored data array (blocked axis last)."""
     if el.name in ("float8_e4m3fn", "float8_e5m2"):
         return codes.astype(np.uint8).view(el.ml_dtype)
     if el.bits == 8:  # int8 / mxint8
         return codes.astype(np.uint8) if asym else codes.astype(np.int8)
-    u = (codes & (2 ** el.bits - 1)).astype(np.uint32)  # two's complement nibble for signed int4
+    u = (codes & (2 ** el.bits - 1)).astype(np.uint32)  # two's complement for signed sub-byte ints
+    if el.bits in (2, 3):
+        # DESIGN: 2-bit element 4i+j in bits 2j..2j+1 of byte i; 3-bit element 8g+i in bits 3i..3i+2 of the
+        # little-endian 24-bit word of bytes 3g..3g+2. Both read as one bit stream: element i's bit k is bit
+        # b*i+k of the axis, low bits first.
+        b = el.bits
+        assert u.shape[-1] % CODES_PER_GROUP[b] == 0
+        out = np.zeros(u.shape[:-1] + (u.shape[-1] * b // 8,), np.uint8)
+        for i in range(u.shape[-1]):
+            for k in range(b):
+                pos = b * i + k
+                out[..., pos // 8] |= (((u[..., i] >> k) & 1) << (pos % 8)).astype(np.uint8)
+        return out
     if el.bits == 4:
         assert u.shape[-1] % 2 == 0
         return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
@@ -255,6 +284,16 @@ def unpack_codes(data, element, axis=-1, asym=False):
         c = np.stack([u & 15, u >> 4], axis=-1).reshape(u.shape[:-1] + (-1,))
         if el.is_int and not asym:
             c = np.where(c >= 8, c - 16, c)
+    elif el.bits in (2, 3):  # the bit stream of _pack, read back one bit at a time
+        b = el.bits
+        u = d.astype(np.int64)
+        c = np.zeros(u.shape[:-1] + (u.shape[-1] * 8 // b,), np.int64)
+        for i in range(c.shape[-1]):
+            for k in range(b):
+                pos = b * i + k
+                c[..., i] |= ((u[..., pos // 8] >> (pos % 8)) & 1) << k
+        if not asym:
+            c = np.where(c >= 2 ** (b - 1), c - 2 ** b, c)
     else:
         u = d.astype(np.int64).reshape(d.shape[:-1] + (-1, 3))
         w = u[..., 0] | (u[..., 1] << 8) | (u[..., 2] << 16)
@@ -298,10 +337,7 @@ def ref_quantize(x, fmt_name, *, axis=-1, scale_mode="floor", tensor_scale=None)
     bs = tuple(logical) if block is None else block
     nblk = tuple(-(-L // B) for L, B in zip(logical, bs))
     padded = [n * B for n, B in zip(nblk, bs)]
-    if el.bits == 4:
-        padded[-1] += padded[-1] % 2  # per-channel int4 with an odd axis: pad to even
-    if el.bits == 6:
-        padded[-1] += -padded[-1] % 4
+    padded[-1] += -padded[-1] % CODES_PER_GROUP[el.bits]  # e.g. per-channel int4 with an odd axis: pad to even
     xp = np.zeros(lead + tuple(padded), np.float32)
     xp[(...,) + tuple(slice(0, L) for L in logical)] = xm
 

@@ -1,6 +1,8 @@
 """Weight-only quantized matmul: the Pallas kernel (interpret mode on CPU, compiled on a GPU) and the XLA path
 against a float32 reference (weights dequantized in float32, dot at HIGHEST precision)."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import lowbit_jax as lb
 from pallas_kernels import Config, dequant_matmul
 from pallas_kernels.backend import gpu_available
+from pallas_kernels.dequant_matmul import supports
 
 KERNEL = "pallas" if gpu_available() else "interpret"
 WEIGHT_FORMATS = ["mxfp4", "nvfp4", "int4_g32_sym", "int4_g64_asym", "int4_g128_sym", "int4_g128_asym",
@@ -96,6 +99,18 @@ def test_xla_path(fmt):
   x, w = _operands(8, 256, 64, fmt, dtype=jnp.float32)
   y = lb.dot_general(x, w, (((1,), (0,)), ((), ())), precision="highest", backend="xla")
   np.testing.assert_allclose(y, reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int3_g128_asym", "int2_g64_sym"])
+def test_dense_int_weights_fall_back_to_xla(fmt):
+  # The kernel takes 4-, 6- and 8-bit codes only: lb.matmul runs the XLA path (on a GPU with a warning).
+  x, w = _operands(5, 256, 48, fmt)
+  bits = lb.get_format(fmt).element_type.bits
+  assert supports(w.format) == f"{fmt}: {bits}-bit elements"
+  ctx = pytest.warns(UserWarning, match=f"{bits}-bit elements") if gpu_available() else contextlib.nullcontext()
+  with ctx:
+    y = lb.matmul(x, w)
+  assert_close(y, reference(x, w), jnp.bfloat16)
 
 
 def test_dot_general_general_dimension_numbers_on_xla():

@@ -17,13 +17,15 @@ def test_registry_names():
               "fp8_block_1x128", "fp8_block_128x128"}
   expected |= {f"int{b}_{g}_{s}" for b in (4, 8) for g in ("g32", "g64", "g128", "channel")
                for s in ("sym", "asym")}
+  expected |= {f"int{b}_g{g}_{s}" for b in (2, 3) for g in (32, 64, 128) for s in ("sym", "asym")}
   assert names == expected
 
 
 @pytest.mark.parametrize("name,bits", [("mxfp8_e4m3", 8.25), ("mxfp6_e2m3", 6.25), ("mxfp4", 4.25),
                                        ("mxint8", 8.25), ("nvfp4", 4.5), ("int4_g128_sym", 4.125),
                                        ("int4_g32_asym", 5.0), ("fp8_block_1x128", 8.25),
-                                       ("int8_channel_sym", None)])
+                                       ("int8_channel_sym", None), ("int3_g64_sym", 3.25),
+                                       ("int3_g128_asym", 3.25), ("int2_g32_asym", 3.0), ("int2_g128_sym", 2.125)])
 def test_spec_bits(name, bits):
   assert lb.get_format(name).bits_per_element == bits
 
@@ -73,6 +75,17 @@ def test_qarray_properties_and_repr():
   assert q.dequantize(jnp.float32).dtype == jnp.float32
   qn = lb.quantize(x, "nvfp4")
   assert qn.tensor_scale.dtype == jnp.float32 and qn.tensor_scale.shape == ()
+
+
+@pytest.mark.parametrize("fmt,data_shape,nbytes", [("int3_g32_sym", (36, 6), 36 * 6 + 3 * 6 * 2),
+                                                    ("int2_g32_asym", (24, 6), 24 * 6 + 3 * 6 * 2 * 2)])
+def test_dense_int_storage(fmt, data_shape, nbytes):
+  # A (96, 6) weight blocked along K: 3-bit codes take 3 bytes per 8, 2-bit 1 byte per 4; bf16 scales (and zero
+  # points).
+  q = lb.quantize(X.T, fmt, axis=0)
+  assert q.data.shape == data_shape and q.data.dtype == np.uint8 and q.shape == (96, 6)
+  assert q.nbytes == nbytes and q.bits_per_element == lb.get_format(fmt).bits_per_element
+  assert repr(q) == f"QArray({fmt}, shape=(96, 6), axis=0, dtype=float32)"
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2, -2])
