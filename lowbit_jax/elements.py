@@ -12,7 +12,8 @@ from jax import lax
 
 from lowbit_jax.formats import ElementType
 
-__all__ = ["exp2i", "floor_log2", "ldexp", "ldexp_fast", "ldexp_if", "round_to_grid", "encode", "decode", "div"]
+__all__ = ["exp2i", "floor_log2", "round_half_even", "ldexp", "ldexp_fast", "ldexp_if", "round_to_grid", "encode",
+           "decode", "div"]
 
 
 def exp2i(n: jax.Array) -> jax.Array:
@@ -68,6 +69,15 @@ def floor_log2(a: jax.Array) -> jax.Array:
   biased = bits >> 23
   sub = (31 - lax.clz(bits)) - 149  # a = mantissa * 2^-149
   return jnp.where(biased == 0, sub, biased - 127)
+
+
+def round_half_even(a: jax.Array) -> jax.Array:
+  """round(a) as int32 for float32 0 <= a < 2^22, ties to even, from the integer part and the exact fraction.
+
+  Kernels use it too: Pallas's Triton lowering has no round, and XLA folds the add-and-subtract-2^23 trick."""
+  n = a.astype(jnp.int32)  # truncates
+  frac = a - n.astype(jnp.float32)
+  return n + ((frac > 0.5) | ((frac == 0.5) & ((n & 1) == 1))).astype(jnp.int32)
 
 
 def round_to_grid(y: jax.Array, el: ElementType, u: jax.Array | None = None) -> jax.Array:

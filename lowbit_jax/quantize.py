@@ -66,7 +66,7 @@ def _quantize(x, key, tensor_scale, *, fmt: Format, axes, scale_mode, rounding):
     g = jnp.float32(1.0)
   sizes = _block_sizes(fmt, logical, axes)
   block_padded = _pad_to(logical, axes, sizes)
-  # Padding up to a whole packing group lies past the last block (it matters for per-channel int4 only).
+  # Padding up to a whole packing group lies past the last block (it matters for per-channel sub-byte formats).
   padded = _pad_to(block_padded, axes[-1:], [packing.codes_per_group(el.bits)])
   x = jnp.pad(x, [(0, p - n) for p, n in zip(block_padded, logical)])
   xb, red = _split_blocks(x, axes, sizes)
@@ -143,9 +143,10 @@ def _dequantize(q: QArray, dtype):
 
 
 def _fused(x, fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -> bool:
-  """Whether the fused Pallas kernels (pallas_kernels/quantize.py) take this call: an NVIDIA GPU, an MX format
-  they support, blocks along the last axis of whole blocks, nearest rounding. They store the same bits."""
-  if (rounding != "nearest" or not shape or axis != len(shape) - 1 or shape[-1] % 32 or 0 in shape
+  """Whether the fused Pallas kernels (pallas_kernels/quantize.py) take this call: an NVIDIA GPU, an MX or NVFP4
+  format they support, blocks along the last axis of whole blocks, nearest rounding. They store the same bits."""
+  if (rounding != "nearest" or not shape or axis != len(shape) - 1 or fmt.block is None
+      or shape[-1] % fmt.block[-1] or 0 in shape
       or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))):
     return False
   from pallas_kernels.backend import on_gpu
@@ -153,22 +154,28 @@ def _fused(x, fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -
   return on_gpu(x) and supports(fmt) is None
 
 
-def _quantize_fused(x, fmt: Format, scale_mode: str) -> QArray:
-  from pallas_kernels.quantize import mx_quantize
+def _quantize_fused(x, fmt: Format, scale_mode: str, tensor_scale) -> QArray:
+  from pallas_kernels.quantize import quantize_rows
   lead, c = x.shape[:-1], x.shape[-1]
-  data, scale = mx_quantize(x.reshape(-1, c), fmt, scale_mode=scale_mode)
-  return QArray(data.reshape(lead + data.shape[-1:]), scale.reshape(lead + scale.shape[-1:]), None, None,
+  g = None
+  if fmt.tensor_scale:  # a computed g needs the whole array's amax first: one more read of x
+    g = _tensor_scale_jit(x, fmt.element_type) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
+  data, scale = quantize_rows(x.reshape(-1, c), fmt, g, scale_mode=scale_mode)
+  return QArray(data.reshape(lead + data.shape[-1:]), scale.reshape(lead + scale.shape[-1:]), g, None,
                 format=fmt, axis=-1, lengths=(c,), dtype=x.dtype)
 
 
 def _dequantize_fused(q: QArray, dtype) -> jax.Array:
-  from pallas_kernels.quantize import mx_dequantize
-  y = mx_dequantize(q.data.reshape(-1, q.data.shape[-1]), q.scale.reshape(-1, q.scale.shape[-1]), q.format, dtype)
+  from pallas_kernels.quantize import dequantize_rows
+  y = dequantize_rows(q.data.reshape(-1, q.data.shape[-1]), q.scale.reshape(-1, q.scale.shape[-1]), q.format,
+                      dtype, q.tensor_scale)
   return y.reshape(q.shape)
 
 
 _quantize_jit = jax.jit(_quantize, static_argnames=("fmt", "axes", "scale_mode", "rounding"))
 _dequantize_jit = jax.jit(_dequantize, static_argnames=("dtype",))
+_tensor_scale_jit = jax.jit(lambda x, el: scales.nvfp4_tensor_scale(x.astype(jnp.float32), el),
+                            static_argnames=("el",))
 
 
 def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
@@ -179,8 +186,9 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
 
   Computes in float32 and rounds each element with its block's scale as stored (REFERENCE section 2), so
   `dequantize(quantize(x))` is exactly what a kernel reading the stored bits sees. A ragged block axis is
-  zero-padded to whole blocks; the logical shape is kept. On an NVIDIA GPU, MX formats (8- and 4-bit) blocked along
-  the last axis run a fused Pallas kernel that stores the same bits; everything else is an XLA computation.
+  zero-padded to whole blocks; the logical shape is kept. On an NVIDIA GPU, MX formats with 8- and 4-bit elements
+  and NVFP4, blocked along the last axis, run a fused Pallas kernel that stores the same bits; everything else is
+  an XLA computation.
 
   Args:
     x: a floating array of any rank (bf16, f16, f32, ...).
@@ -228,7 +236,7 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
   if tensor_scale is not None:
     tensor_scale = _check_tensor_scale(tensor_scale, fmt)
   if _fused(x, fmt, np.shape(x), axes[-1], dtype, rounding):
-    return _quantize_fused(x, fmt, scale_mode)
+    return _quantize_fused(x, fmt, scale_mode, tensor_scale)
   return _quantize_jit(x, key, tensor_scale, fmt=fmt, axes=axes, scale_mode=scale_mode, rounding=rounding)
 
 
@@ -261,6 +269,7 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   dtype = q.dtype if dtype is None else np.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}.")
-  if _fused(q.data, q.format, q.shape, q.axis, dtype) and q.data.shape[-1] * 8 // q.format.element_type.bits == q.shape[-1]:
+  whole = q.data.shape[-1] * 8 // q.format.element_type.bits == q.shape[-1]  # no padding along the last axis
+  if whole and _fused(q.data, q.format, q.shape, q.axis, dtype):
     return _dequantize_fused(q, dtype)
   return _dequantize_jit(q, dtype)

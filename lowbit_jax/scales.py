@@ -18,7 +18,8 @@ import numpy as np
 from lowbit_jax import elements
 from lowbit_jax.formats import SCALE_GRIDS, ElementType, Format
 
-__all__ = ["SCALE_MODES", "mx", "nvfp4", "absmax", "asym", "nvfp4_tensor_scale"]
+__all__ = ["SCALE_MODES", "mx", "mx_exponent", "mx_elements", "mx_scale", "nvfp4", "absmax", "asym",
+           "nvfp4_tensor_scale"]
 
 SCALE_MODES = ("floor", "ceil", "even", "rceil")
 _E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
@@ -63,33 +64,47 @@ def _positive(a):
   return jax.lax.bitcast_convert_type(a, jnp.int32) > 0
 
 
-def mx(x, red, el: ElementType, mode: str, u=None):
-  """MX: one E8M0 power-of-two scale 2^e per block, e by `mode` (floor, ceil, even, rceil), clamped to
-  [-127, 127]; elements round onto the element grid of x * 2^-e."""
-  amax, finite = _amax(x, red)
+def mx_exponent(amax, el: ElementType, mode: str):
+  """The E8M0 exponent e of each block by `mode` (floor, ceil, even, rceil), clamped to [-127, 127]; -127 for
+  all-zero blocks. `amax` is the finite block maximum of `_amax`."""
   nonzero = _positive(amax)
   a = jnp.where(nonzero, amax, 1.0)
   fl = elements.floor_log2(a)
   sig = elements.ldexp(a, -fl)  # amax = sig * 2^fl, sig in [1, 2)
   if mode == "floor":
-    up = False
+    up = jnp.zeros(fl.shape, jnp.bool_)
   elif mode == "ceil":
     up = sig > 1
   elif mode == "even":  # amax rounded to the element's mantissa width carries into the next binade
-    up = jnp.round(elements.ldexp_fast(sig, el.mantissa)) >= 2 ** (el.mantissa + 1)
+    up = elements.round_half_even(elements.ldexp_fast(sig, el.mantissa)) >= 2 ** (el.mantissa + 1)
   elif mode == "rceil":  # smallest e with amax <= max * 2^e, compared exactly on significands
     up = sig > _mantissa(el.max)
   else:
     raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {mode!r}.")
-  e = fl + jnp.asarray(up, jnp.int32) - el.emax
-  e = jnp.where(nonzero, jnp.clip(e, -127, 127), -127)
-  bits = jnp.where(finite, e + 127, 255).astype(jnp.uint8)
-  scale = jax.lax.bitcast_convert_type(bits, jnp.float8_e8m0fnu)
+  e = fl + up.astype(jnp.int32) - el.emax
+  return jnp.where(nonzero, jnp.clip(e, -127, 127), -127)
+
+
+def mx_elements(x, e, amax, finite, el: ElementType, u=None):
+  """Element values of x * 2^-e on the grid of `el` (zero in non-finite and all-zero blocks)."""
+  nonzero = _positive(amax)
   # Subnormal inputs only matter in blocks of tiny amax (elsewhere they round to zero whatever happens to them).
   tiny = jnp.any(nonzero & (amax < 2.0 ** -100))
   y = elements.ldexp_if(tiny, x, jnp.broadcast_to(-e, x.shape))
-  q = jnp.where(finite & nonzero, elements.round_to_grid(y, el, u), 0.0)
-  return q, scale, None
+  return jnp.where(finite & nonzero, elements.round_to_grid(y, el, u), 0.0)
+
+
+def mx_scale(e, finite):
+  """E8M0 scales 2^e, NaN (0xFF) for non-finite blocks."""
+  return jax.lax.bitcast_convert_type(jnp.where(finite, e + 127, 255).astype(jnp.uint8), jnp.float8_e8m0fnu)
+
+
+def mx(x, red, el: ElementType, mode: str, u=None):
+  """MX: one E8M0 power-of-two scale 2^e per block, e by `mode` (floor, ceil, even, rceil), clamped to
+  [-127, 127]; elements round onto the element grid of x * 2^-e."""
+  amax, finite = _amax(x, red)
+  e = mx_exponent(amax, el, mode)
+  return mx_elements(x, e, amax, finite, el, u), mx_scale(e, finite), None
 
 
 def nvfp4_tensor_scale(x, el: ElementType) -> jax.Array:
@@ -99,10 +114,12 @@ def nvfp4_tensor_scale(x, el: ElementType) -> jax.Array:
   return jnp.where(amax > 0, g, 1.0).astype(jnp.float32)
 
 
-def nvfp4(x, red, el: ElementType, g, u=None):
-  """NVFP4: E4M3 block scale s = e4m3(min(amax / max_element / g, 448)); elements x / (s * g)."""
+def nvfp4(x, red, el: ElementType, g, u=None, top=None):
+  """NVFP4: E4M3 block scale s = e4m3(min(amax / top / g, 448)) with top the element max (6) unless given;
+  elements x / (s * g)."""
   amax, finite = _amax(x, red)
-  s, sf = _store(jnp.where(finite, jnp.minimum(elements.div(elements.div(amax, el.max), g), _E4M3_MAX), jnp.nan), jnp.float8_e4m3fn)
+  s = elements.div(elements.div(amax, el.max if top is None else top), g)
+  s, sf = _store(jnp.where(finite, jnp.minimum(s, _E4M3_MAX), jnp.nan), jnp.float8_e4m3fn)
   ok = finite & (sf > 0)
   y = elements.div(x, sf * g)
   return jnp.where(ok, elements.round_to_grid(jnp.where(ok, y, 0.0), el, u), 0.0), s, None

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "dot", "gpu_available", "load", "on_gpu", "store"]
+__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "load", "on_gpu", "store"]
 
 BACKENDS = ("triton", "interpret")
 
@@ -70,6 +70,44 @@ def dot(a, b):
   """In-kernel a @ b (float32 result for 16-bit operands)."""
   from jax.experimental.pallas import triton as pltriton
   return pltriton.dot(a, b)
+
+
+def div_rn(a, b, *, backend: str):
+  """In-kernel a / b for float32, correctly rounded (IEEE nearest even, subnormals kept).
+
+  Triton lowers float division to PTX `div.full.f32`, which is 2 ulps off; quantization needs the IEEE quotient,
+  so the Triton backend issues `div.rn.f32` itself. The interpreter runs `lowbit_jax.elements.div`.
+  """
+  if backend == "interpret":
+    from lowbit_jax import elements
+    return elements.div(*jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+  return _asm("div.rn.f32 $0, $1, $2;", a, b)
+
+
+def _asm(code: str, *args):
+  from jax.experimental.pallas import triton as pltriton
+  args = jnp.broadcast_arrays(*(jnp.asarray(a, jnp.float32) for a in args))
+  [out] = pltriton.elementwise_inline_asm(code, args=args, constraints="=f" + ",f" * len(args), pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)])
+  return out
+
+
+def div_by(x, d, r, *, backend: str):
+  """In-kernel x / d correctly rounded, given r = 1 / d correctly rounded (one per block, broadcast).
+
+  Two Markstein steps on x * r, q <- q + (x - q * d) * r with fused multiply-adds: the first brings q within an
+  ulp of x / d, where the residual is exact, and the second then rounds correctly (Markstein's theorem) at a few
+  float operations per element instead of a division. Needs d and x / d in the normal range (callers check) and
+  loses the sign of a zero x (callers take signs from x).
+  """
+  if backend == "interpret":
+    from lowbit_jax import elements
+    return elements.div(x, d)
+  q = x * r
+  for _ in range(2):
+    res = _asm("{ .reg .f32 t; neg.f32 t, $1; fma.rn.f32 $0, t, $2, $3; }", q, d, x)  # x - q * d, rounded once
+    q = _asm("fma.rn.f32 $0, $1, $2, $3;", res, r, q)
+  return q
 
 
 def load(ref, idx, mask=None, other=None, *, backend: str):

@@ -1,19 +1,24 @@
-"""Fused MX quantize and dequantize of 2-D arrays blocked along the last axis (blocks of 32).
+"""Fused quantize and dequantize of 2-D arrays blocked along the last axis: MX (blocks of 32) and NVFP4.
 
-Layouts (DESIGN.md), for x of shape (R, C), C a multiple of 32:
-  data: (R, C) float8 (MXFP8), (R, C) int8 (MXINT8) or (R, C / 2) uint8 (MXFP4: element 2i in the low nibble of
-    byte i, 2i + 1 in the high nibble).
-  scale: (R, C / 32) float8_e8m0fnu.
-One program handles a (block_rows, C_tile) tile of x: it reshapes it to (block_rows, C_tile / 32, 32), reduces each
-block of 32, and writes the matching tiles of data and scale. Kernels move 8-bit values as uint8 bits, and MXFP4
-data as little-endian uint32 words of eight codes (wider stores), bitcast outside; they compute with the exact integer and power-of-two arithmetic of `lowbit_jax.scales.mx` and
-`lowbit_jax.elements`, so the stored bits equal those of `lowbit_jax.quantize` (round to nearest even).
+Layouts (DESIGN.md), for x of shape (R, C), C a multiple of the block B:
+  data: (R, C) float8 (MXFP8), (R, C) int8 (MXINT8) or (R, C / 2) uint8 (MXFP4, NVFP4: element 2i in the low
+    nibble of byte i, 2i + 1 in the high nibble).
+  scale: (R, C / B) float8_e8m0fnu (MX) or float8_e4m3fn (NVFP4, B = 16), and for NVFP4 a float32 tensor scale g.
+One program handles a (block_rows, C_tile) tile of x: it reshapes it to (block_rows, C_tile / B, B), reduces each
+block, and writes the matching tiles of data and scale. Kernels move 8-bit values as uint8 bits, and 4-bit data as
+little-endian uint32 words of eight codes (wider stores), bitcast outside; they compute with the exact integer and
+power-of-two arithmetic of `lowbit_jax.scales` and `lowbit_jax.elements`, so the stored bits equal those of
+`lowbit_jax.quantize` (round to nearest even).
+
+NVFP4 divides: the block scale is amax / 6 / g and the elements x / (s * g), each an IEEE quotient. Per block the
+kernel divides once (`backend.div_rn`: the reciprocal of s * g, scaled by a power of two into [1, 2)); per element
+`backend.div_by` refines x times it to the correctly rounded quotient with fused multiply-adds.
 
 Exactness limits, left to the caller (fall back to XLA for them):
-  - quantize: the scales are exact for every block, but the element codes of blocks with 0 < amax < 2^-100 are not
-    (float32 subnormal inputs may be flushed; `scales.mx` takes its bit-exact path there).
-  - dequantize: values whose float32 result q * 2^e is subnormal (scales below 2^-120 or so) may be flushed to
-    zero; `lowbit_jax.dequantize` rounds them exactly.
+  - MX quantize: the scales are exact for every block, but the element codes of blocks with 0 < amax < 2^-100 are
+    not (float32 subnormal inputs may be flushed; `scales.mx` takes its bit-exact path there).
+  - dequantize: values whose float32 result is subnormal (MX scales below 2^-120 or so) may be flushed to zero;
+    `lowbit_jax.dequantize` rounds them exactly.
 MXFP6 (four codes in three bytes) is not supported.
 """
 
@@ -27,29 +32,38 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lowbit_jax import elements, scales
-from lowbit_jax.formats import ElementType, Format, get_format
+from lowbit_jax.formats import SCALE_GRIDS, ElementType, Format, get_format
 from pallas_kernels import backend as _backend
 
-__all__ = ["mx_quantize", "mx_dequantize", "supports"]
+__all__ = ["quantize_rows", "dequantize_rows", "supports"]
 
-_BLOCK = 32
+_E4M3 = SCALE_GRIDS["float8_e4m3fn"]
 
 
 def supports(fmt: Format) -> str | None:
   """None if the kernels handle `fmt`, else the reason they do not."""
-  if fmt.rule != "mx" or fmt.block != (_BLOCK,):
-    return f"{fmt.name}: not an MX format with blocks of {_BLOCK}"
-  if fmt.element_type.bits not in (4, 8):
-    return f"{fmt.name}: {fmt.element_type.bits}-bit elements"
-  return None
+  if fmt.rule == "mx":
+    if fmt.block != (32,):
+      return f"{fmt.name}: MX blocks of {fmt.block}, not (32,)"
+    if fmt.element_type.bits not in (4, 8):
+      return f"{fmt.name}: {fmt.element_type.bits}-bit elements"
+    return None
+  if fmt.rule == "nvfp4":
+    if fmt.block not in ((16,), (32,)) or fmt.element_type.bits != 4:
+      return f"{fmt.name}: E4M3-scaled blocks of {fmt.block} with {fmt.element_type.bits}-bit elements"
+    return None
+  return f"{fmt.name}: not an MX or NVFP4 format"
 
 
-def _check(fmt: Format, cols: int) -> None:
+def _check(fmt: Format, cols: int) -> int:
+  """The block size, after checking that the kernels take `fmt` and `cols`."""
   reason = supports(fmt)
   if reason:
     raise ValueError(f"pallas_kernels.quantize does not support {reason}.")
-  if cols % _BLOCK:
-    raise ValueError(f"the last axis ({cols}) must be a multiple of {_BLOCK}.")
+  block = fmt.block[0]
+  if cols % block:
+    raise ValueError(f"the last axis ({cols}) must be a multiple of the block size {block}.")
+  return block
 
 
 def _col_tile(cols: int, most: int) -> int:
@@ -80,65 +94,87 @@ def _u32(x):
   return lax.bitcast_convert_type(x, jnp.uint32)
 
 
-def _rne(a):
-  """round(a) as int32 for float32 0 <= a < 2^22, ties to even (Pallas's Triton lowering has no round, and XLA
-  folds the add-and-subtract-2^23 trick): the integer part and the exact fraction of a."""
-  n = a.astype(jnp.int32)  # truncates
-  frac = a - n.astype(jnp.float32)
-  return n + ((frac > 0.5) | ((frac == 0.5) & ((n & 1) == 1))).astype(jnp.int32)
+def _float_codes(y, el: ElementType, sign=None):
+  """`elements.encode(elements.round_to_grid(y, el), el)` in one pass; the sign bit is that of `sign` (default y).
 
-
-def _float_codes(y, el: ElementType):
-  """`elements.encode(elements.round_to_grid(y, el), el)` in one pass: with e the binade of |y| (emin for the
-  subnormal range, which float32 subnormals fall in), r = round(|y| * 2^(m - e)) holds the implicit bit, so
-  r + ((e - emin) << m) is the magnitude code, a carry of r included; saturation clamps the code at that of
-  el.max. The sign bit is y's."""
-  m = el.mantissa
+  Elements with up to three binades (E2M1, E2M3) round in the float adder: for |y| in binade e (the subnormals
+  share emin's), adding M = 2^(23 + e - m) rounds it to the grid spacing 2^(e - m), ties to even, and the low
+  bits of the sum count grid steps, so the code is bits(|y| + M) - bits(M) + (e - emin) * 2^m. Saturation comes
+  first. Wider elements round on the integer bits instead: at or above 2^emin, rounding at mantissa bit
+  23 - m leaves the exponent and mantissa fields of the code in the high bits (a carry into the next binade
+  included); below it, the adder rounds as above. Float ops are cheaper than integer ones on Hopper.
+  """
+  m, emin, emax = el.mantissa, el.emin, el.emax
   bits = _i32(y)
-  mag = bits & 0x7FFFFFFF
-  e = jnp.maximum((mag >> 23) - 127, el.emin)
-  r = _rne(_f32(mag) * elements.exp2i(m - e))  # exact: a power of two in the normal range
-  top = int(el.max * 2.0 ** (m - el.emax)) + ((el.emax - el.emin) << m)
-  code = jnp.minimum(r + ((e - el.emin) << m), top)
-  return (code | (lax.shift_right_logical(bits, 31) << (el.bits - 1))).astype(jnp.uint8)
+  if emax - emin <= 2:
+    a = jnp.abs(y)
+    a = jnp.where(a < el.max, a, el.max)  # NaN (an overflowed quotient in div_by) saturates too
+    magic, base = jnp.float32(2.0 ** (23 + emin - m)), jnp.int32((127 + 23 + emin - m) << 23)
+    for e in range(emin + 1, emax + 1):
+      up = a >= 2.0 ** e
+      magic = jnp.where(up, 2.0 ** (23 + e - m), magic)
+      base = jnp.where(up, ((127 + 23 + e - m) << 23) - ((e - emin) << m), base)
+    code = _i32(a + magic) - base
+  else:
+    mag = bits & 0x7FFFFFFF
+    sh = 23 - m
+    normal = (mag + ((1 << (sh - 1)) - 1) + ((mag >> sh) & 1)) >> sh
+    normal = normal - ((127 + emin - 1) << m)
+    sub = _i32(_f32(mag) + 2.0 ** (23 - m + emin)) - ((127 + 23 - m + emin) << 23)
+    top = int(el.max * 2.0 ** (m - emax)) + ((emax - emin) << m)
+    code = jnp.minimum(jnp.where(mag < ((127 + emin) << 23), sub, normal), top)
+  sbits = bits if sign is None else _i32(sign)
+  return (code | (lax.shift_right_logical(sbits, 31) << (el.bits - 1))).astype(jnp.uint8)
 
 
-def _exponent(amax, el: ElementType, mode: str):
-  """The unclamped scale exponent of `scales.mx` for amax > 0 (float32, subnormals included)."""
-  fl = elements.floor_log2(amax)
-  sig = elements.ldexp(amax, -fl)  # amax = sig * 2^fl, sig in [1, 2)
-  if mode == "floor":
-    up = jnp.zeros(fl.shape, jnp.bool_)
-  elif mode == "ceil":
-    up = sig > 1
-  elif mode == "even":
-    up = _rne(elements.ldexp_fast(sig, el.mantissa)) >= 2 ** (el.mantissa + 1)
-  else:  # rceil
-    up = sig > scales._mantissa(el.max)
-  return fl + up.astype(jnp.int32) - el.emax
+def _mx_blocks(x, amax, el: ElementType, mode: str):
+  """(element codes, E8M0 scale bits, which blocks have codes) of MX blocks x (rows, blocks, B), amax the bits of
+  each block's largest magnitude (rows, blocks, 1)."""
+  nonzero = amax > 0
+  e = scales.mx_exponent(_f32(amax), el, mode)
+  sbits = jnp.where(amax < 0x7F800000, e + 127, 255)
+  y = elements.ldexp_fast(x, -e)
+  ok = (amax < 0x7F800000) & nonzero
+  if el.kind == "float":
+    return _float_codes(y, el), sbits, ok
+  # MXINT8: round(y * 2^6) saturated at 127, as round_to_grid then fixed point to integer codes
+  n = jnp.minimum(elements.round_half_even(jnp.abs(y) * 2.0 ** el.mantissa), el.int_max)
+  return jnp.where(y < 0, -n, n).astype(jnp.int8), sbits, ok
 
 
-def _quantize_kernel(x_ref, d_ref, s_ref, *, el: ElementType, mode: str, rows: int, backend: str):
+def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
+  """As `_mx_blocks` for NVFP4 blocks (`scales.nvfp4`) with E4M3 scale bits, g the tensor scale."""
+  div = functools.partial(_backend.div_rn, backend=backend)
+  finite = amax < 0x7F800000
+  s = jnp.minimum(div(div(_f32(jnp.where(finite, amax, 0)), el.max), g), _E4M3.max)
+  scode = _float_codes(s, _E4M3)
+  sf = elements.decode(scode, _E4M3)
+  ok = finite & (sf > 0)
+  d = jnp.where(ok, sf * g, 1.0)
+  # x / d as (x * 2^k) / (d * 2^k) with d * 2^k in [1, 2): exact scaling, and the reciprocal and the refinement
+  # steps of `div_by` stay in the normal range. Quotients that overflow to inf (or NaN inside div_by) saturate,
+  # as the exact ones do; the sign comes from x.
+  p = elements.exp2i(jnp.clip(-elements.floor_log2(d), -126, 127))
+  d = d * p
+  y = _backend.div_by(x * p, d, div(1.0, d), backend=backend)
+  return _float_codes(y, el, sign=x), jnp.where(finite, scode, 0x7F), ok
+
+
+def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
+  x_ref, *g_ref, d_ref, s_ref = refs
+  el, block = fmt.element_type, fmt.block[0]
   br, ct = x_ref.shape
-  nb = ct // _BLOCK
+  nb = ct // block
   x = _backend.load(x_ref, (slice(None), slice(None)), _row_mask(br, rows, (br, ct)), 0, backend=backend)
-  x = x.astype(jnp.float32).reshape(br, nb, _BLOCK)
+  x = x.astype(jnp.float32).reshape(br, nb, block)
   # Block statistics on bit patterns, as `scales._amax`: non-negative floats order like their bits, and above
   # every finite one lie Inf and then NaN, so one max says both amax and whether the block is finite.
   amax = jnp.max(_i32(x) & 0x7FFFFFFF, axis=-1, keepdims=True)
-  all_finite = amax < 0x7F800000
-  nonzero = amax > 0
-  e = _exponent(_f32(jnp.where(nonzero, amax, 0x3F800000)), el, mode)
-  e = jnp.where(nonzero, jnp.clip(e, -127, 127), -127)
-  sbits = jnp.where(all_finite, e + 127, 255)
-  y = elements.ldexp_fast(x, -e)
-  ok = all_finite & nonzero
-  if el.kind == "float":
-    codes = jnp.where(ok, _float_codes(y, el), 0)
-  else:  # MXINT8: round(y * 2^6) saturated at 127, as round_to_grid then fixed point to integer codes
-    n = jnp.minimum(_rne(jnp.abs(y) * 2.0 ** el.mantissa), el.int_max)
-    codes = jnp.where(ok, jnp.where(y < 0, -n, n), 0).astype(jnp.int8)
-  codes = codes.reshape(br, ct)
+  if fmt.rule == "mx":
+    codes, sbits, ok = _mx_blocks(x, amax, el, mode)
+  else:
+    codes, sbits, ok = _nvfp4_blocks(x, amax, g_ref[0][...].reshape(1, 1, 1), el, backend)
+  codes = jnp.where(ok, codes, 0).reshape(br, ct)
   if el.bits == 4:
     # Eight nibbles to a little-endian 32-bit word (wider stores); the caller views the words as bytes.
     nib = codes.reshape(br, ct // 8, 8).astype(jnp.int32)
@@ -150,45 +186,55 @@ def _quantize_kernel(x_ref, d_ref, s_ref, *, el: ElementType, mode: str, rows: i
 
 @functools.partial(jax.jit, static_argnames=("fmt", "scale_mode", "backend", "block_rows", "block_cols",
                                              "num_warps"))
-def mx_quantize(x: jax.Array, fmt: str | Format, *, scale_mode: str = "floor", backend: str = "triton",
-                block_rows: int = 4, block_cols: int = 1024, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
-  """MX quantization of x (R, C) (bfloat16, float16 or float32) in blocks of 32 along the last axis.
+def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | None = None, *,
+                  scale_mode: str = "floor", backend: str = "triton", block_rows: int = 4, block_cols: int = 1024,
+                  num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+  """Quantizes x (R, C) (bfloat16, float16 or float32) in blocks along the last axis.
 
-  Returns (data, scale) with the storage of `lowbit_jax.quantize(x, fmt, scale_mode=scale_mode)` (module
-  docstring), bit for bit outside the limits listed there. `fmt`: mxfp8_e4m3, mxfp8_e5m2, mxfp4 or mxint8.
-  Tiles are (block_rows, C_tile) with C_tile the largest power of two dividing C and at most block_cols;
-  block_rows and block_cols are powers of two.
+  Returns (data, scale) with the storage of `lowbit_jax.quantize(x, fmt, scale_mode=scale_mode,
+  tensor_scale=tensor_scale)` (module docstring), bit for bit outside the limits listed there. `fmt`: mxfp8_e4m3,
+  mxfp8_e5m2, mxfp4, mxint8, or an NVFP4-rule format (E2M1 elements, E4M3 scales), which needs the float32
+  `tensor_scale` g when it has one. Tiles are (block_rows, C_tile) with C_tile the largest power of two dividing C
+  and at most block_cols; block_rows and block_cols are powers of two.
   """
   fmt = get_format(fmt)
   rows, cols = x.shape
-  _check(fmt, cols)
+  block = _check(fmt, cols)
   if scale_mode not in scales.SCALE_MODES:
     raise ValueError(f"scale_mode must be one of {scales.SCALE_MODES}, got {scale_mode!r}.")
   el = fmt.element_type
   ct = _col_tile(cols, block_cols)
-  per_byte = 8 // el.bits
-  # MXFP4 data leaves the kernel as 32-bit words of 8 codes: (R, C / 8) uint32.
+  args, in_specs = [x], [pl.BlockSpec((block_rows, ct), lambda i, j: (i, j))]
+  if fmt.rule == "nvfp4":
+    if fmt.tensor_scale and tensor_scale is None:
+      raise ValueError(f"{fmt.name} needs its tensor scale g (lowbit_jax.scales.nvfp4_tensor_scale computes it).")
+    g = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
+    args.append(g.reshape(1))
+    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+  # 4-bit data leaves the kernel as 32-bit words of 8 codes: (R, C / 8) uint32.
   per_word, data_dtype = (8, jnp.uint32) if el.bits == 4 else (1, jnp.int8 if el.kind == "int" else jnp.uint8)
-  kernel = functools.partial(_quantize_kernel, el=el, mode=scale_mode, rows=rows, backend=backend)
+  kernel = functools.partial(_quantize_kernel, fmt=fmt, mode=scale_mode, rows=rows, backend=backend)
   data, scale = _backend.call(
       kernel, backend=backend,
       out_shape=(jax.ShapeDtypeStruct((rows, cols // per_word), data_dtype),
-                 jax.ShapeDtypeStruct((rows, cols // _BLOCK), jnp.uint8)),
+                 jax.ShapeDtypeStruct((rows, cols // block), jnp.uint8)),
       grid=(pl.cdiv(rows, block_rows), cols // ct),
-      in_specs=[pl.BlockSpec((block_rows, ct), lambda i, j: (i, j))],
+      in_specs=in_specs,
       out_specs=(pl.BlockSpec((block_rows, ct // per_word), lambda i, j: (i, j)),
-                 pl.BlockSpec((block_rows, ct // _BLOCK), lambda i, j: (i, j))),
-      num_warps=num_warps, num_stages=1, name=f"mx_quantize_{fmt.name}")(x)
+                 pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))),
+      num_warps=num_warps, num_stages=1, name=f"quantize_rows_{fmt.name}")(*args)
   if el.bits == 4:
-    data = lax.bitcast_convert_type(data, jnp.uint8).reshape(rows, cols // per_byte)
+    data = lax.bitcast_convert_type(data, jnp.uint8).reshape(rows, cols // 2)
   elif el.kind == "float":
     data = lax.bitcast_convert_type(data, el.storage_dtype)
-  return data, lax.bitcast_convert_type(scale, jnp.float8_e8m0fnu)
+  return data, lax.bitcast_convert_type(scale, jnp.dtype(fmt.scale))
 
 
-def _dequantize_kernel(d_ref, s_ref, o_ref, *, el: ElementType, rows: int, backend: str):
+def _dequantize_kernel(*refs, fmt: Format, rows: int, backend: str):
+  d_ref, s_ref, *g_ref, o_ref = refs
+  el, block = fmt.element_type, fmt.block[0]
   br, ct = o_ref.shape
-  nb = ct // _BLOCK
+  nb = ct // block
   d = _backend.load(d_ref, (slice(None), slice(None)), _row_mask(br, rows, d_ref.shape), 0, backend=backend)
   sbits = _backend.load(s_ref, (slice(None), slice(None)), _row_mask(br, rows, s_ref.shape), 0, backend=backend)
   if el.bits == 4:
@@ -200,36 +246,45 @@ def _dequantize_kernel(d_ref, s_ref, o_ref, *, el: ElementType, rows: int, backe
     v = lax.bitcast_convert_type(d, el.storage_dtype).astype(jnp.float32)
   else:  # MXINT8 codes are fixed point 1.6
     v = elements.ldexp_fast(lax.bitcast_convert_type(d, jnp.int8).astype(jnp.float32), -el.mantissa)
+  v = v.reshape(br, nb, block)
   s = sbits.astype(jnp.int32).reshape(br, nb, 1)
-  out = jnp.where(s == 255, jnp.nan, elements.ldexp_fast(v.reshape(br, nb, _BLOCK), s - 127))
+  if fmt.rule == "mx":
+    out = jnp.where(s == 255, jnp.nan, elements.ldexp_fast(v, s - 127))
+  else:  # (q * s) * g, as lowbit_jax.dequantize; E4M3 0x7F / 0xFF is NaN
+    sf = jnp.where((s & 0x7F) == 0x7F, jnp.nan, elements.decode(s & 0x7F, _E4M3))
+    out = (v * sf) * g_ref[0][...].reshape(1, 1, 1)
   out = out.reshape(br, ct).astype(o_ref.dtype)
   _backend.store(o_ref, out, _row_mask(br, rows, out.shape), backend=backend)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "dtype", "backend", "block_rows", "block_cols", "num_warps"))
-def mx_dequantize(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=jnp.bfloat16, *,
-                  backend: str = "triton", block_rows: int = 4, block_cols: int = 1024,
-                  num_warps: int = 4) -> jax.Array:
-  """The (R, C) array of `dtype` that MX `data` and `scale` (layouts in the module docstring) stand for.
+def dequantize_rows(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=jnp.bfloat16,
+                    tensor_scale: jax.Array | None = None, *, backend: str = "triton", block_rows: int = 4,
+                    block_cols: int = 1024, num_warps: int = 4) -> jax.Array:
+  """The (R, C) array of `dtype` that `data` and `scale` (layouts in the module docstring) stand for.
 
-  Computes q * 2^e in float32 (NaN where the scale is 0xFF) and casts to `dtype`, as `lowbit_jax.dequantize`
-  does for a QArray blocked along its last axis; bit for bit outside the limits in the module docstring.
-  Tiles as in `mx_quantize`.
+  Computes in float32 as `lowbit_jax.dequantize` does for a QArray blocked along its last axis (MX: q * 2^e,
+  NaN where the scale is 0xFF; NVFP4: (q * s) * g) and casts to `dtype`; bit for bit outside the limits in the
+  module docstring. Tiles as in `quantize_rows`.
   """
   fmt = get_format(fmt)
   el = fmt.element_type
-  rows, cols = scale.shape[0], scale.shape[1] * _BLOCK
-  _check(fmt, cols)
+  block = _check(fmt, scale.shape[1] * fmt.block[0])
+  rows, cols = scale.shape[0], scale.shape[1] * block
   per_byte = 8 // el.bits
   if data.shape != (rows, cols // per_byte):
     raise ValueError(f"data has shape {data.shape}; scale {scale.shape} needs {(rows, cols // per_byte)}.")
   ct = _col_tile(cols, block_cols)
-  kernel = functools.partial(_dequantize_kernel, el=el, rows=rows, backend=backend)
+  args = [lax.bitcast_convert_type(data, jnp.uint8), lax.bitcast_convert_type(scale, jnp.uint8)]
+  in_specs = [pl.BlockSpec((block_rows, ct // per_byte), lambda i, j: (i, j)),
+              pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))]
+  if fmt.rule == "nvfp4":
+    g = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
+    args.append(g.reshape(1))
+    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+  kernel = functools.partial(_dequantize_kernel, fmt=fmt, rows=rows, backend=backend)
   return _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((rows, cols), dtype),
-      grid=(pl.cdiv(rows, block_rows), cols // ct),
-      in_specs=[pl.BlockSpec((block_rows, ct // per_byte), lambda i, j: (i, j)),
-                pl.BlockSpec((block_rows, ct // _BLOCK), lambda i, j: (i, j))],
+      grid=(pl.cdiv(rows, block_rows), cols // ct), in_specs=in_specs,
       out_specs=pl.BlockSpec((block_rows, ct), lambda i, j: (i, j)),
-      num_warps=num_warps, num_stages=1, name=f"mx_dequantize_{fmt.name}")(
-          lax.bitcast_convert_type(data, jnp.uint8), lax.bitcast_convert_type(scale, jnp.uint8))
+      num_warps=num_warps, num_stages=1, name=f"dequantize_rows_{fmt.name}")(*args)

@@ -1,4 +1,5 @@
-"""The fused MX quantize / dequantize kernels store and read exactly the bits of `lb.quantize` / `lb.dequantize`.
+"""The fused MX / NVFP4 quantize and dequantize kernels store and read exactly the bits of `lb.quantize` /
+`lb.dequantize`.
 
 Runs the kernels in Pallas's interpreter on CPU (Triton on a GPU) on small tiles, so the grid has several
 programs in both directions and a ragged last row tile.
@@ -11,6 +12,7 @@ import pytest
 
 import lowbit_jax as lb
 from pallas_kernels import quantize as qk
+from test_exact import nvfp4_tie_blocks
 
 BACKEND = "interpret" if jax.default_backend() == "cpu" else "triton"
 FORMATS = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp4", "mxint8")
@@ -43,7 +45,7 @@ def _bits(a):
 @pytest.mark.parametrize("mode", ("floor", "ceil", "even", "rceil"))
 def test_quantize_matches_xla(fmt, mode):
   x = _inputs(jnp.float32 if mode != "floor" else jnp.bfloat16)
-  data, scale = qk.mx_quantize(x, fmt, scale_mode=mode, backend=BACKEND, **TILES)
+  data, scale = qk.quantize_rows(x, fmt, scale_mode=mode, backend=BACKEND, **TILES)
   ref = lb.quantize(x, fmt, scale_mode=mode)
   assert data.dtype == ref.data.dtype and scale.dtype == ref.scale.dtype
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
@@ -54,7 +56,7 @@ def test_quantize_matches_xla(fmt, mode):
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16, jnp.float16))
 def test_dequantize_matches_xla(fmt, dtype):
   ref = lb.quantize(_inputs(jnp.float32, seed=1), fmt, scale_mode="even")
-  out = qk.mx_dequantize(ref.data, ref.scale, fmt, dtype, backend=BACKEND, **TILES)
+  out = qk.dequantize_rows(ref.data, ref.scale, fmt, dtype, backend=BACKEND, **TILES)
   expected = lb.dequantize(ref, dtype)
   assert out.dtype == expected.dtype and out.shape == expected.shape
   np.testing.assert_array_equal(_bits(out), _bits(expected))
@@ -62,6 +64,79 @@ def test_dequantize_matches_xla(fmt, dtype):
 
 def test_rejects_unsupported():
   with pytest.raises(ValueError, match="6-bit"):
-    qk.mx_quantize(jnp.zeros((8, 64)), "mxfp6_e2m3", backend=BACKEND)
-  with pytest.raises(ValueError, match="not an MX format"):
-    qk.mx_quantize(jnp.zeros((8, 64)), "nvfp4", backend=BACKEND)
+    qk.quantize_rows(jnp.zeros((8, 64)), "mxfp6_e2m3", backend=BACKEND)
+  with pytest.raises(ValueError, match="not an MX or NVFP4 format"):
+    qk.quantize_rows(jnp.zeros((8, 64)), "int4_g32_sym", backend=BACKEND)
+  with pytest.raises(ValueError, match="needs its tensor scale"):
+    qk.quantize_rows(jnp.zeros((8, 64)), "nvfp4", backend=BACKEND)
+
+
+NVFP4_NOSCALE = lb.Format("nvfp4_b32_no_g", "float4_e2m1fn", (32,), "float8_e4m3fn")
+
+
+@pytest.mark.parametrize("g", [None, 1.0, 0.3, 2.0 ** -20, 1.7e-3, 2.0 ** -60])
+def test_nvfp4_matches_xla(g):
+  """Given and computed tensor scales; E4M3 and E2M1 rounding ties; scales that round to zero or clamp at 448;
+  quotients beyond float32 (g = 2^-60 with elements of 1e30 saturate)."""
+  x = np.array(_inputs(jnp.float32, rows=40, cols=256, seed=2))
+  gg = np.float32(g) if g is not None else np.float32(np.max(np.abs(x[np.isfinite(x)]))) / np.float32(2688)
+  tb = nvfp4_tie_blocks(gg)
+  x[8:8 + -(-len(tb) // 16)].reshape(-1, 16)[:len(tb)] = tb
+  x[5, :16] = 1e-30  # s rounds to zero unless g is tiny
+  x[6, :32] = np.linspace(-1e30, 1e30, 32)
+  x = jnp.asarray(x)
+  ref = lb.quantize(x, "nvfp4", tensor_scale=g)
+  data, scale = qk.quantize_rows(x, "nvfp4", ref.tensor_scale, backend=BACKEND, **TILES)
+  np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
+  np.testing.assert_array_equal(_bits(data), _bits(ref.data))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    out = qk.dequantize_rows(ref.data, ref.scale, "nvfp4", dtype, ref.tensor_scale, backend=BACKEND, **TILES)
+    np.testing.assert_array_equal(_bits(out), _bits(lb.dequantize(ref, dtype)))
+
+
+def test_nvfp4_rule_without_tensor_scale():
+  x = _inputs(jnp.bfloat16, seed=3)
+  ref = lb.quantize(x, NVFP4_NOSCALE)
+  data, scale = qk.quantize_rows(x, NVFP4_NOSCALE, backend=BACKEND, **TILES)
+  np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
+  np.testing.assert_array_equal(_bits(data), _bits(ref.data))
+  out = qk.dequantize_rows(ref.data, ref.scale, NVFP4_NOSCALE, jnp.float32, backend=BACKEND, **TILES)
+  np.testing.assert_array_equal(_bits(out), _bits(lb.dequantize(ref, jnp.float32)))
+
+
+def _quotients(x, d):
+  """In a kernel: (x / d by a per-block reciprocal and `div_by`, x / d by `div_rn`)."""
+  from jax.experimental import pallas as pl
+  from pallas_kernels import backend as kb
+
+  def kernel(x_ref, d_ref, q_ref, e_ref):
+    x, d = x_ref[...], d_ref[...]
+    q_ref[...] = kb.div_by(x, d, kb.div_rn(1.0, d, backend=BACKEND), backend=BACKEND)
+    e_ref[...] = kb.div_rn(x, d, backend=BACKEND)
+
+  rows, cols = x.shape
+  spec = pl.BlockSpec((8, cols), lambda i: (i, 0))
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  return kb.call(kernel, backend=BACKEND, out_shape=(out, out), grid=(rows // 8,), in_specs=[spec, spec],
+                 out_specs=(spec, spec))(x, d)
+
+
+def test_kernel_division_is_correctly_rounded():
+  """The NVFP4 kernel's quotients against numpy's (float64 division rounded to float32 is the correctly rounded
+  float32 quotient: 53 >= 2 * 24 + 2 bits). Divisors are E4M3 values times a tensor scale; numerators are random,
+  and exact midpoints k/2 * d, k/4 * d of the E2M1 grid nudged by up to 3 ulps."""
+  rows = 512 if BACKEND == "triton" else 16
+  rng = np.random.default_rng(5)
+  e4m3 = np.arange(1, 127, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+  d = (rng.choice(e4m3, (rows, 1)) * np.float32(0.3) * np.exp2(rng.integers(-40, 40, (rows, 1)))).astype(np.float32)
+  d = np.broadcast_to(d, (rows, 1024)).copy()
+  x = (rng.standard_normal((rows, 1024)) * d * 3).astype(np.float32)
+  mids = (rng.integers(-13, 14, (rows, 512)) / rng.choice([2.0, 4.0], (rows, 512)) * d[:, :512]).astype(np.float32)
+  nudged = (mids.view(np.int32) + rng.integers(-3, 4, mids.shape).astype(np.int32)).view(np.float32)
+  x[:, :512] = np.where(mids == 0, mids, nudged)
+  x[:, 600] = -0.0
+  q, e = _quotients(jnp.asarray(x), jnp.asarray(d))
+  want = (x.astype(np.float64) / d.astype(np.float64)).astype(np.float32)
+  np.testing.assert_array_equal(_bits(e), _bits(want))
+  nonzero = x != 0  # div_by loses the sign of a zero numerator (the kernel takes signs from x)
+  np.testing.assert_array_equal(_bits(q)[nonzero], _bits(want)[nonzero])
