@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax import elements, packing, scales
+from lowbit_jax import elements, hqq, packing, scale_search, scales
 from lowbit_jax.formats import Format, get_format
 from lowbit_jax.qarray import QArray
 
@@ -54,7 +54,7 @@ def _split_blocks(x, axes, sizes):
   return x.reshape(shape), tuple(red)
 
 
-def _quantize(x, key, tensor_scale, *, fmt: Format, axes, scale_mode, rounding):
+def _quantize(x, key, tensor_scale, *, fmt: Format, axes, scale_mode, rounding, calibrate=None):
   el = fmt.element_type
   dtype = x.dtype
   logical = x.shape
@@ -73,7 +73,14 @@ def _quantize(x, key, tensor_scale, *, fmt: Format, axes, scale_mode, rounding):
   u = None
   if rounding == "stochastic":
     u = jax.random.uniform(key, xb.shape, jnp.float32)
-  q, scale, zero_point = scales.quantize_blocks(xb, red, fmt, scale_mode, g, u)
+  if calibrate is None:
+    q, scale, zero_point = scales.quantize_blocks(xb, red, fmt, scale_mode, g, u)
+  elif isinstance(calibrate, hqq.HQQ):
+    q, scale, zero_point = hqq.quantize_blocks(xb, red, fmt, calibrate)
+  elif fmt.rule == "mx":
+    q, scale, zero_point = scale_search.mx(xb, red, fmt.element_type, calibrate)
+  else:
+    q, scale, zero_point = scale_search.nvfp4(xb, red, fmt.element_type, g, calibrate)
   q = q.reshape(block_padded)
   scale = scale.reshape([s for i, s in enumerate(scale.shape) if i not in red])
   if zero_point is not None:
@@ -172,7 +179,7 @@ def _dequantize_fused(q: QArray, dtype) -> jax.Array:
   return y.reshape(q.shape)
 
 
-_quantize_jit = jax.jit(_quantize, static_argnames=("fmt", "axes", "scale_mode", "rounding"))
+_quantize_jit = jax.jit(_quantize, static_argnames=("fmt", "axes", "scale_mode", "rounding", "calibrate"))
 _dequantize_jit = jax.jit(_dequantize, static_argnames=("dtype",))
 _tensor_scale_jit = jax.jit(lambda x, el: scales.nvfp4_tensor_scale(x.astype(jnp.float32), el),
                             static_argnames=("el",))
@@ -181,7 +188,8 @@ _tensor_scale_jit = jax.jit(lambda x, el: scales.nvfp4_tensor_scale(x.astype(jnp
 def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
              scale_mode: Literal["floor", "ceil", "even", "rceil"] | None = None,
              rounding: Literal["nearest", "stochastic"] = "nearest", key: jax.Array | None = None,
-             tensor_scale: jax.Array | float | None = None) -> QArray:
+             tensor_scale: jax.Array | float | None = None,
+             calibrate: Literal["mse", "mae", "hqq"] | hqq.HQQ | None = None) -> QArray:
   """Quantizes `x` into blocks along `axis` (2-D block formats: the axis before it too).
 
   Computes in float32 and rounds each element with its block's scale as stored (REFERENCE section 2), so
@@ -199,6 +207,11 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
     key: a `jax.random` key for stochastic rounding.
     tensor_scale: formats with a tensor scale (NVFP4) only: a positive finite float32 g (static calibration);
       computed from `x` when None.
+    calibrate: None for round-to-nearest under the format's scale rule; `"mse"` or `"mae"` for MX and NVFP4
+      formats: a per-block search over candidate scales (`lowbit_jax.scale_search`) keeping the one with the
+      smallest squared or absolute error; `"hqq"` or an `lb.HQQ(...)` for asymmetric integer formats: zero points
+      (and optionally scales) from the HQQ solver (`lowbit_jax.hqq`). Either way the result is a standard QArray,
+      never worse than round-to-nearest on the objective, block by block. Runs on XLA (not the fused kernels).
 
   Returns:
     A `QArray`.
@@ -235,9 +248,32 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
     key = None
   if tensor_scale is not None:
     tensor_scale = _check_tensor_scale(tensor_scale, fmt)
-  if _fused(x, fmt, np.shape(x), axes[-1], dtype, rounding):
+  if calibrate is not None:
+    calibrate = _check_calibrate(calibrate, fmt, scale_mode, rounding)
+  elif _fused(x, fmt, np.shape(x), axes[-1], dtype, rounding):
     return _quantize_fused(x, fmt, scale_mode, tensor_scale)
-  return _quantize_jit(x, key, tensor_scale, fmt=fmt, axes=axes, scale_mode=scale_mode, rounding=rounding)
+  return _quantize_jit(x, key, tensor_scale, fmt=fmt, axes=axes, scale_mode=scale_mode, rounding=rounding,
+                       calibrate=calibrate)
+
+
+def _check_calibrate(calibrate, fmt: Format, scale_mode, rounding):
+  """The calibration to run (an HQQ config or a scale-search metric), after checking it fits the call."""
+  if rounding != "nearest":
+    raise ValueError("quantize: calibrate works with rounding='nearest' only.")
+  if calibrate == "hqq":
+    calibrate = hqq.HQQ()
+  if isinstance(calibrate, hqq.HQQ):
+    calibrate.check(fmt)
+    return calibrate
+  if calibrate not in scale_search.METRICS:
+    raise ValueError(f"quantize: calibrate must be None, 'hqq', a lowbit_jax.HQQ, or one of "
+                     f"{scale_search.METRICS}, got {calibrate!r}.")
+  if fmt.rule not in ("mx", "nvfp4"):
+    raise ValueError(f"quantize: calibrate={calibrate!r} (scale search) applies to MX and NVFP4 formats; format "
+                     f"{fmt.name!r} has {fmt.scale} scales (use calibrate='hqq' for asymmetric integers).")
+  if scale_mode not in (None, "floor"):
+    raise ValueError(f"quantize: calibrate={calibrate!r} searches around the floor scale; leave scale_mode unset.")
+  return calibrate
 
 
 def _check_tensor_scale(g, fmt: Format):
