@@ -13,7 +13,7 @@ from jax import lax
 from lowbit_jax.formats import ElementType
 
 __all__ = ["exp2i", "floor_log2", "round_half_even", "ldexp", "ldexp_fast", "ldexp_if", "round_to_grid", "encode",
-           "decode", "div"]
+           "decode", "div", "div_any"]
 
 
 def exp2i(n: jax.Array) -> jax.Array:
@@ -128,9 +128,33 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
   multiplication by the reciprocal and is an ulp off in many quotients), and quantization must match the IEEE
   quotient. So XLA's quotient is corrected once with an exact residual a - q*b: q and b are split on mantissa
   bits into 12-bit halves whose four products are exact, and the subtractions cancel exactly (Sterbenz).
+  On XLA's CPU backend that needs |a| and |b| above about 2^-60 (`div_any` lifts it, at a branch per call).
   """
   a = jnp.asarray(a, jnp.float32)
   b = jnp.asarray(b, jnp.float32)
+  return _div(a, b)
+
+
+def div_any(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`div` for operands of any magnitude, for per-block arrays (it branches on the whole array).
+
+  Operands below 2^-60 are divided as a * 2^-ea / (b * 2^-eb), both in [1, 2), and the quotient scaled back, all
+  on the bits, so the residual and half-ulp bounds of `div` stay normal (XLA's CPU backend flushes subnormal
+  intermediates). A quotient that ends subnormal is rounded twice (no format stores one).
+  """
+  a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+
+  def normalised(a, b):
+    def exponent(v):
+      return jnp.where((jnp.abs(v) < 2.0 ** -60) & (v != 0), floor_log2(jnp.abs(v)), 0)
+    ea, eb = exponent(a), exponent(b)
+    return ldexp(_div(ldexp(a, -ea), ldexp(b, -eb)), ea - eb)
+
+  tiny = jnp.any(((jnp.abs(a) < 2.0 ** -60) & (a != 0)) | (jnp.abs(b) < 2.0 ** -60))
+  return lax.cond(tiny, normalised, _div, a, b)
+
+
+def _div(a, b):
   q = a / b
   sign = jnp.sign(q)
   aa, bb, qa = jnp.abs(a), jnp.abs(b), jnp.abs(q)

@@ -110,7 +110,7 @@ def mx(x, red, el: ElementType, mode: str, u=None):
 def nvfp4_tensor_scale(x, el: ElementType) -> jax.Array:
   """NVFP4's g = amax / (448 * max_element) over the finite values of x; 1 if that amax is 0."""
   amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0))
-  g = elements.div(amax, _E4M3_MAX * el.max)
+  g = elements.div_any(amax, _E4M3_MAX * el.max)
   return jnp.where(amax > 0, g, 1.0).astype(jnp.float32)
 
 
@@ -118,10 +118,14 @@ def nvfp4(x, red, el: ElementType, g, u=None, top=None):
   """NVFP4: E4M3 block scale s = e4m3(min(amax / top / g, 448)) with top the element max (6) unless given;
   elements x / (s * g)."""
   amax, finite = _amax(x, red)
-  s = elements.div(elements.div(amax, el.max if top is None else top), g)
+  s = elements.div_any(elements.div_any(amax, el.max if top is None else top), g)
   s, sf = _store(jnp.where(finite, jnp.minimum(s, _E4M3_MAX), jnp.nan), jnp.float8_e4m3fn)
   ok = finite & (sf > 0)
-  y = elements.div(x, sf * g)
+  # x / d as (x 2^k) / (d 2^k) with d 2^k in [1, 2) (exact scaling) keeps `div` exact for tiny tensor scales;
+  # a quotient that overflows saturates as it would. The fused kernel divides the same way.
+  d = jnp.where(ok, sf * g, 1.0)
+  k = jnp.clip(-elements.floor_log2(d), -126, 127)
+  y = elements.div(elements.ldexp_fast(x, k), elements.ldexp_fast(d, k))
   return jnp.where(ok, elements.round_to_grid(jnp.where(ok, y, 0.0), el, u), 0.0), s, None
 
 

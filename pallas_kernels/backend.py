@@ -80,7 +80,7 @@ def div_rn(a, b, *, backend: str):
   """
   if backend == "interpret":
     from lowbit_jax import elements
-    return elements.div(*jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    return elements.div_any(a, b)
   return _asm("div.rn.f32 $0, $1, $2;", a, b)
 
 

@@ -55,7 +55,9 @@ class Element:
         or one of them is 0); other grid values are farther whatever rounding does, so the choice is exact.
         """
         t = np.asarray(t, dtype=np.float64)
-        a = np.abs(t).reshape(-1)
+        # Saturate first: past about 2^53 * max every distance rounds to the same float64 and the tie rule would
+        # pick code 0.
+        a = np.minimum(np.abs(t), self.max).reshape(-1)
         d = np.abs(a[:, None] - self.values[None, :])
         best = d.min(axis=1, keepdims=True)
         cand = d == best

@@ -444,7 +444,7 @@ def test_float32_subnormals(fmt, mode):
 
 # ----------------------------------------------------------------------------------------------------------------
 # NVFP4: computed and given tensor scales, block scales that clamp at 448 or round to zero
-NV_G = [1.0, 0.3, 2.0 ** -20, 1e3, 1.7e-3]
+NV_G = [1.0, 0.3, 2.0 ** -20, 1e3, 1.7e-3, 0.046875 * 2.0 ** -100]
 
 
 def _nudge(v, k):
@@ -496,7 +496,7 @@ def test_nvfp4_tensor_scale(g):
   # just above it, below it, at 1.5 * 2^-9 and 2^-7
   for j, f in enumerate([2.0 ** -10, 2.0 ** -10 * 1.01, 2.0 ** -11, 2.0 ** -9 * 1.5, 2.0 ** -7]):
     x[j, 16:32] = F32(6 * f * gg) * np.linspace(-1, 1, 16, dtype=np.float32)
-  if g in (None, 0.3, 1.7e-3):
+  if g in (None, 0.3, 1.7e-3, 0.046875 * 2.0 ** -100):
     tb = nvfp4_tie_blocks(gg)
     x[8:8 + -(-len(tb) // 3)].reshape(-1, 16)[:len(tb)] = tb
   check(x, "nvfp4", tensor_scale=g)
