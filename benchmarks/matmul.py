@@ -7,7 +7,9 @@ over XLA bf16 `jnp.dot`, XLA dequantize-then-dot and (mxfp8) `jax.nn.scaled_dot_
 Usage:
   python benchmarks/matmul.py [--shapes 8192x8192,28672x8192] [--ms 1,16,64] [--formats mxfp4,int4_g128_sym]
   python benchmarks/matmul.py --sweep 16:64:256:4:4,16:128:128:4:3 ...   # time kernel tile configs instead
-Shapes are N x K (output features x input features).
+  python benchmarks/matmul.py --pairs int8_channel_sym:int8_channel_sym,mxfp8_e4m3:mxfp8_e4m3 --ms 2048,8192
+Shapes are N x K (output features x input features). `--pairs act:weight,...` times matmuls with both operands
+quantized: pre-quantized, and with the activation quantized inside the call (`act_format`), against XLA bf16.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ def _sdg(x, w_nk):
                                    configs=[cfg, cfg, cfg])
 
 
+def _cases(args):
+  """(n, k, m, activations, bf16 weights) for every shape and M of the command line."""
+  for shape in args.shapes.split(","):
+    n, k = map(int, shape.split("x"))
+    for m in map(int, args.ms.split(",")):
+      xs = _xs(m, k)
+      yield n, k, m, xs, _weight_sets(len(xs), lambda key: (jax.random.normal(key, (k, n), jnp.float32) * 0.02)
+                                      .astype(jnp.bfloat16))
+
+
 def _config(text: str) -> Config:
   """bm:bn:bk:warps:stages[:split_k]."""
   return Config(*map(int, text.split(":")))
@@ -52,7 +64,10 @@ def main() -> None:
   p.add_argument("--formats", default=DEFAULT_FORMATS)
   p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages[:split_k],... to time kernel configs")
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
+  p.add_argument("--pairs", default="", help="act:weight format pairs, comma-separated (both operands quantized)")
   args = p.parse_args()
+  if args.pairs:
+    return pairs(args)
   bw = copy_bandwidth()
   print(header())
   print(f"device copy: {bw / 1e9:.0f} GB/s; floor = max(bytes / copy bandwidth, 2MNK / {BF16_PEAK / 1e12:.0f} "
@@ -65,43 +80,73 @@ def main() -> None:
     print("| format | M | N | K | kernel us | TFLOP/s | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
           "vs scaled_dot_general |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for shape in args.shapes.split(","):
-    n, k = map(int, shape.split("x"))
-    for m in map(int, args.ms.split(",")):
-      xs = _xs(m, k)
-      bf16_ws = _weight_sets(len(xs), lambda key: (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(
-          jnp.bfloat16))
-      t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
-      t_sdg = None
-      for name in args.formats.split(","):
-        qws = _weight_sets(len(xs), lambda key, name=name: lb.quantize(
-            (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16), name, axis=0))
-        nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
-        floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)
-        if sweep:
-          for cfg in sweep:
-            try:
-              t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
-                  x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
-              print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{cfg.split_k} | "
-                    f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
-            except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
-              print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)
-          continue
-        t_k = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, qws)
-        t_x = time_calls(lambda x, w: lb.matmul(x, w, backend="xla"), xs, qws)
-        sdg = ""
-        if name.startswith("mxfp8_e4m3"):
-          if t_sdg is None:
-            try:
-              t_sdg = time_calls(_sdg, xs, [jnp.transpose(w) for w in bf16_ws])
-            except Exception as e:  # not lowered on every platform (e.g. CPU)
-              t_sdg = f"n/a ({type(e).__name__})"
-          sdg = f"{t_sdg / t_k:.2f}x" if isinstance(t_sdg, float) else t_sdg
-        print(f"| {name} | {m} | {n} | {k} | {t_k * 1e6:.1f} | {2 * m * n * k / t_k / 1e12:.1f} | "
-              f"{nbytes / t_k / 1e9:.0f} | {floor / t_k:.2f} | {t_bf16 / t_k:.2f}x | {t_x / t_k:.2f}x | {sdg} |",
-              flush=True)
+  for n, k, m, xs, bf16_ws in _cases(args):
+    t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
+    t_sdg = None
+    for name in args.formats.split(","):
+      qws = _weight_sets(len(xs), lambda key, name=name: lb.quantize(
+          (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16), name, axis=0))
+      nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
+      floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)
+      if sweep:
+        for cfg in sweep:
+          try:
+            t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
+                x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
+            print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{cfg.split_k} | "
+                  f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
+          except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
+            print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)
+        continue
+      t_k = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, qws)
+      t_x = time_calls(lambda x, w: lb.matmul(x, w, backend="xla"), xs, qws)
+      sdg = ""
+      if name.startswith("mxfp8_e4m3"):
+        if t_sdg is None:
+          try:
+            t_sdg = time_calls(_sdg, xs, [jnp.transpose(w) for w in bf16_ws])
+          except Exception as e:  # not lowered on every platform (e.g. CPU)
+            t_sdg = f"n/a ({type(e).__name__})"
+        sdg = f"{t_sdg / t_k:.2f}x" if isinstance(t_sdg, float) else t_sdg
+      print(f"| {name} | {m} | {n} | {k} | {t_k * 1e6:.1f} | {2 * m * n * k / t_k / 1e12:.1f} | "
+            f"{nbytes / t_k / 1e9:.0f} | {floor / t_k:.2f} | {t_bf16 / t_k:.2f}x | {t_x / t_k:.2f}x | {sdg} |",
+            flush=True)
+      del qws
+
+
+def pairs(args) -> None:
+  """Both operands quantized (A8W8, A8W4, ...): time per call and speed-up over XLA bf16 from the same run.
+
+  Rows: weights (K, N) as the weight-only benchmark stores them and, for int8, K-major (N, K) weights (the int8
+  MMA reads K-major; (K, N) int8 weights pay a transpose per call). "dispatch" is `lb.dot_general`'s choice
+  (the Pallas int8 kernel for int8 pairs on a GPU), "XLA" forces the XLA path, "act_format" quantizes the bf16
+  activation inside the call."""
+  print(header())
+  print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
+        "act_format vs bf16 | scaled_dot_general vs bf16 |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for n, k, m, xs, bf16_ws in _cases(args):
+    t_bf16 = time_calls(jnp.dot, xs, bf16_ws)
+    flops = 2 * m * n * k
+    try:
+      sdg = f"{t_bf16 / time_calls(_sdg, xs, [jnp.transpose(w) for w in bf16_ws]):.2f}x"
+    except Exception as e:  # not lowered on every platform
+      sdg = f"n/a ({type(e).__name__})"
+    for pair in args.pairs.split(","):
+      fa, fw = pair.split(":")
+      qxs = [lb.quantize(x, fa, axis=1) for x in xs]
+      layouts = [("(K, N)", 0)] + ([("(N, K)", 1)] if fw == "int8_channel_sym" else [])
+      for label, rc in layouts:
+        two_d = len(lb.get_format(fw).block or ()) == 2
+        qws = [lb.quantize(w if rc == 0 else w.T, fw, axis=1 if two_d or rc == 1 else 0) for w in bf16_ws]
+        dn = (((1,), (rc,)), ((), ()))
+        t = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn), qxs, qws)
+        t_x = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend="xla"), qxs, qws)
+        t_f = time_calls(lambda a, w, dn=dn, fa=fa: lb.dot_general(a, w, dn, act_format=fa), xs, qws)
+        print(f"| {fa} x {fw} | {label} | {m} | {n} | {k} | {t * 1e6:.0f} | {flops / t / 1e12:.0f} | "
+              f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} |", flush=True)
         del qws
+      del qxs
 
 
 if __name__ == "__main__":

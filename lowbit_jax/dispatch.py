@@ -1,7 +1,8 @@
 """Chooses an implementation for each quantized matmul call.
 
-`auto` (the default): on an NVIDIA GPU, the Pallas kernel when it takes the format, dtypes and layout, else the
-XLA reference with a one-time warning that names the reason; elsewhere the XLA reference (no warning: that is the
+`auto` (the default): on an NVIDIA GPU, the Pallas kernel when it takes the format, dtypes and layout (and the
+number of rows M is in the range where it wins), else the XLA reference, with a one-time warning that names the
+reason when no kernel takes the call; elsewhere the XLA reference (no warning: that is the
 implementation for CPU and TPU). `pallas`, `xla` and `interpret` force one.
 """
 
@@ -21,6 +22,9 @@ _warned: set[str] = set()
 # Above this many activation rows XLA's dequantize-then-dot (weights materialised once in bf16, then cuBLAS) beats
 # a fused kernel on Hopper: measured in BENCHMARKS.md (weight-only matmul).
 XLA_FROM_M = 512
+# From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
+# scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
+INT8_KERNEL_FROM_M = 512
 
 
 def weight_only_reason(lhs, rhs: QArray, dimension_numbers) -> str | None:
@@ -51,8 +55,13 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
   if backend == "xla":
     return "xla"
-  if not isinstance(rhs, QArray) or isinstance(lhs, QArray):
-    reason = "activation-quantized operands have no kernel yet"
+  if isinstance(lhs, QArray) and isinstance(rhs, QArray):
+    from lowbit_jax.xla import int8_pair
+    reason = None if int8_pair(lhs, rhs, dimension_numbers) else (
+        "quantized activations have a Pallas kernel for int8 per-token x per-channel pairs only "
+        f"(got {lhs.format.name} x {rhs.format.name}; XLA dots the dequantized operands)")
+  elif isinstance(lhs, QArray):
+    reason = "a quantized lhs needs a quantized rhs"
   else:
     reason = weight_only_reason(lhs, rhs, dimension_numbers)
   if backend in ("pallas", "interpret"):
@@ -67,4 +76,6 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if reason:
     _warn_once(reason)
     return "xla"
+  if isinstance(lhs, QArray):
+    return "pallas" if m >= INT8_KERNEL_FROM_M else "xla"
   return "xla" if m >= XLA_FROM_M else "pallas"

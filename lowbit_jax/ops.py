@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lowbit_jax import dispatch, xla
+from lowbit_jax.formats import Format, get_format
 from lowbit_jax.qarray import QArray
+from lowbit_jax.quantize import dequantize, quantize
 
 __all__ = ["dot_general", "matmul", "einsum"]
 
@@ -28,7 +32,7 @@ def _check(lhs, rhs, dimension_numbers):
                        f"size {rhs.shape[b]}; contracting and batch sizes must agree.")
   for name, op, dims in (("lhs", lhs, lc), ("rhs", rhs, rc)):
     if isinstance(op, QArray):
-      if op.format.block is not None and op.axis not in dims:
+      if op.format.block is not None and not set(op.blocked_axes) & set(dims):
         raise ValueError(f"dot_general: {name} is a QArray blocked along axis {op.axis}, which is not a "
                          f"contracting dimension {tuple(dims)}; quantize it along its contraction axis.")
     elif not jnp.issubdtype(op.dtype, jnp.floating):
@@ -36,16 +40,24 @@ def _check(lhs, rhs, dimension_numbers):
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None,
-                *, backend: str | None = None) -> jax.Array:
+                *, backend: str | None = None, act_format: str | Format | None = None,
+                grad_format: str | Format | None = None) -> jax.Array:
   """`lax.dot_general` where either operand may be a QArray blocked along a contracting dimension.
 
   With a float `lhs` (bf16/f16/f32, any leading dimensions) and a quantized weight `rhs` of shape (K, N), this is
   a weight-only matmul: on an NVIDIA GPU a Pallas kernel decodes the packed weights in registers; elsewhere the
-  weights are dequantized and XLA's dot runs. The result has `lhs`'s dtype unless `preferred_element_type` says
-  otherwise. Its signature matches `lax.dot_general`, so it can be handed to `flax.nnx.Linear(dot_general=...)`.
+  weights are dequantized and XLA's dot runs. With both operands quantized it is the OCP dot of the two (exact
+  products, float32 accumulation; `lowbit_jax.xla`). The result has `lhs`'s (logical) dtype unless
+  `preferred_element_type` says otherwise. Its signature matches `lax.dot_general`, so it can be handed to
+  `flax.nnx.Linear(dot_general=...)`.
 
   Args:
     backend: "auto" (default, see `lowbit_jax.dispatch`), "pallas", "xla" or "interpret".
+    act_format: quantize a float `lhs` to this format along its contracting dimension inside the call (dynamic
+      scaling: A8W8, A8W4, A4W4 with a quantized `rhs`). The gradient with respect to `lhs` is straight-through:
+      the cotangent times the dequantized `rhs`, in `lhs`'s dtype.
+    grad_format: with `act_format`, also quantize the output cotangent to this format (blocks along its last
+      axis) before the backward products, e.g. "mxfp8_e5m2"; default: the backward pass stays in full precision.
 
   Example:
     >>> import jax, jax.numpy as jnp, lowbit_jax as lb
@@ -59,17 +71,73 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   if not isinstance(rhs, QArray):
     rhs = jnp.asarray(rhs)
   _check(lhs, rhs, dimension_numbers)
+  if act_format is not None:
+    if isinstance(lhs, QArray):
+      raise ValueError("dot_general: act_format quantizes a float lhs, but lhs is already a QArray.")
+    (lc, _), _ = dimension_numbers
+    if len(lc) != 1:
+      raise ValueError(f"dot_general: act_format needs one contracting dimension of lhs, got {tuple(lc)}.")
+    grad = None if grad_format is None else get_format(grad_format)
+    return _act_quant_dot(lhs, rhs, _dims(dimension_numbers), get_format(act_format), grad, precision,
+                          preferred_element_type, backend)
+  if grad_format is not None:
+    raise ValueError("dot_general: grad_format applies with act_format (the quantized-forward custom VJP).")
   if not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
-  m = math.prod(lhs.shape[:-1]) if not isinstance(lhs, QArray) else 0
+  m = math.prod(lhs.shape[:-1])
   impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m)
   if impl == "xla":
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
-  from pallas_kernels.dequant_matmul import dequant_matmul
+  kernel_backend = "triton" if impl == "pallas" else "interpret"
   out_dtype = preferred_element_type or lhs.dtype
+  if isinstance(lhs, QArray):  # int8 per-token x per-channel (dispatch.choose checked)
+    from pallas_kernels.int8_matmul import int8_matmul
+    k = lhs.shape[-1]
+    (_, rc), _ = dimension_numbers
+    w = rhs.data.T if tuple(rc) == (0,) else rhs.data  # the kernel reads K-major weights; (K, N) pays a transpose
+    y = int8_matmul(lhs.data.reshape(-1, k), lhs.scale.reshape(-1, 1), w, rhs.scale.reshape(-1, 1),
+                    out_dtype=out_dtype, backend=kernel_backend)
+    return y.reshape(lhs.shape[:-1] + (w.shape[0],))
+  from pallas_kernels.dequant_matmul import dequant_matmul
   x2 = lhs.reshape(m, lhs.shape[-1])
-  y = dequant_matmul(x2, rhs, out_dtype=out_dtype, backend="triton" if impl == "pallas" else "interpret")
+  y = dequant_matmul(x2, rhs, out_dtype=out_dtype, backend=kernel_backend)
   return y.reshape(lhs.shape[:-1] + (rhs.shape[1],))
+
+
+def _dims(dimension_numbers):
+  """dimension_numbers as nested tuples (hashable, for a custom_vjp's static arguments)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _act_quant_dot(x, rhs, dims, act: Format, grad: Format | None, precision, preferred_element_type, backend):
+  q = quantize(x, act, axis=dims[0][0][0])
+  return dot_general(q, rhs, dims, precision, preferred_element_type, backend=backend)
+
+
+def _act_quant_dot_fwd(x, rhs, dims, act, grad, precision, preferred_element_type, backend):
+  q = quantize(x, act, axis=dims[0][0][0])
+  return dot_general(q, rhs, dims, precision, preferred_element_type, backend=backend), (x, q, rhs)
+
+
+def _zero_cotangent(a):
+  return np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact) else jnp.zeros_like(a)
+
+
+def _act_quant_dot_bwd(dims, act, grad, precision, preferred_element_type, backend, res, g):
+  """Straight-through: the products of the float dot, with the quantized operands dequantized."""
+  x, q, rhs = res
+  if grad is not None:
+    g = dequantize(quantize(g, grad, axis=-1), g.dtype)
+  w = dequantize(rhs, x.dtype) if isinstance(rhs, QArray) else rhs
+  _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dims, precision=precision), dequantize(q, x.dtype), w)
+  dx, dw = vjp(g.astype(x.dtype))
+  drhs = jax.tree.map(_zero_cotangent, rhs) if isinstance(rhs, QArray) else dw.astype(rhs.dtype)
+  return dx, drhs
+
+
+_act_quant_dot.defvjp(_act_quant_dot_fwd, _act_quant_dot_bwd)
 
 
 def matmul(x, w, *, backend: str | None = None, preferred_element_type=None) -> jax.Array:

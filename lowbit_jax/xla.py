@@ -1,28 +1,60 @@
 """XLA reference implementations of the quantized ops: dequantize, then XLA's own dot.
 
 Used on CPU and TPU, for shapes and formats the kernels do not take, and as the baseline the kernels are tested
-and benchmarked against.
+and benchmarked against. With both operands quantized the product is the OCP dot of the dequantized values:
+exact products, float32 accumulation.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize
 
-__all__ = ["dot_general"]
+__all__ = ["dot_general", "int8_pair"]
+
+
+def _exact_in_bf16(q: QArray) -> bool:
+  """MX values are a <= 8-bit significand times a power of two: bfloat16 holds them exactly (above 2^-126)."""
+  return q.format.rule == "mx"
+
+
+def int8_pair(lhs: QArray, rhs: QArray, dimension_numbers) -> bool:
+  """Whether lhs (..., K) and rhs (K, N) or (N, K) (K-major) are symmetric int8 with one scale per row of lhs and
+  per output channel of rhs (per-token x per-channel, A8W8): their product is an int32 dot scaled once per
+  output."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  return (not lb and not rb and rhs.ndim == 2 and tuple(rc) in ((0,), (1,)) and tuple(lc) == (lhs.ndim - 1,)
+          and all(q.format.element == "int8" and q.format.rule == "absmax" and q.format.block is None
+                  for q in (lhs, rhs)))
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
-  """`lax.dot_general` of operands either of which may be a QArray, dequantized to the other operand's dtype
-  (or to its own logical dtype when both are quantized)."""
+  """`lax.dot_general` of operands either of which may be a QArray.
+
+  One quantized operand is dequantized to the other operand's dtype. Two quantized operands give the OCP dot in
+  float32, cast to `preferred_element_type` (default: lhs's logical dtype): int8 per-token x per-channel pairs
+  as an exact int32 dot scaled in float32; MX pairs dequantized to bfloat16 (exact) for XLA's bf16 GEMM with
+  float32 accumulation; other pairs dequantized to float32 (dot at HIGHEST precision).
+  """
+  kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
   if isinstance(lhs, QArray) and isinstance(rhs, QArray):
-    lhs, rhs = dequantize(lhs), dequantize(rhs)
-  elif isinstance(rhs, QArray):
+    out = preferred_element_type or lhs.dtype
+    if int8_pair(lhs, rhs, dimension_numbers):
+      acc = lax.dot_general(lhs.data, rhs.data, dimension_numbers, preferred_element_type=jnp.int32, **kwargs)
+      sw = rhs.scale.astype(jnp.float32).reshape(-1)  # (1, N) or (N, 1): one scale per output column
+      return (acc.astype(jnp.float32) * lhs.scale.astype(jnp.float32) * sw).astype(out)
+    exact = _exact_in_bf16(lhs) and _exact_in_bf16(rhs)
+    dt = jnp.bfloat16 if exact else jnp.float32
+    y = lax.dot_general(dequantize(lhs, dt), dequantize(rhs, dt), dimension_numbers,
+                        precision=None if exact else lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+                        **kwargs)
+    return y.astype(out)
+  if isinstance(rhs, QArray):
     rhs = dequantize(rhs, lhs.dtype)
   elif isinstance(lhs, QArray):
     lhs = dequantize(lhs, rhs.dtype)
-  kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type, **kwargs)

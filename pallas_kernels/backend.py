@@ -66,10 +66,10 @@ def _poison(out: jax.ShapeDtypeStruct) -> jax.Array:
   return jnp.full(out.shape, -1 if jnp.issubdtype(dtype, jnp.signedinteger) else jnp.iinfo(dtype).max, dtype)
 
 
-def dot(a, b):
-  """In-kernel a @ b (float32 result for 16-bit operands)."""
+def dot(a, b, trans_b: bool = False):
+  """In-kernel a @ b, or a @ b.T with `trans_b` (float32 result for 16-bit operands, int32 for int8)."""
   from jax.experimental.pallas import triton as pltriton
-  return pltriton.dot(a, b)
+  return pltriton.dot(a, b, trans_b=trans_b)
 
 
 def div_rn(a, b, *, backend: str):

@@ -1,0 +1,132 @@
+"""Matmuls with both operands quantized, on-the-fly activation quantization, and the straight-through VJP.
+
+References are computed in float64 from the dequantized operands (the OCP dot: exact products, one sum); the
+library accumulates in float32, so results agree within float32 accumulation error.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lb
+
+PAIRS = [("mxfp8_e4m3", "mxfp8_e4m3"), ("mxfp8_e5m2", "mxfp8_e4m3"), ("mxfp8_e4m3", "mxfp4"), ("mxint8", "mxint8"),
+         ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4"), ("int8_channel_sym", "int8_channel_sym"),
+         ("fp8_block_1x128", "fp8_block_128x128"), ("mxfp8_e4m3", "int4_g32_asym")]
+SHAPES = [(5, 96, 40), (33, 200, 17)]  # (M, K, N); K = 200 is ragged for every block size
+DN = (((1,), (0,)), ((), ()))
+
+
+def operands(m, k, n, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((m, k)) * np.exp2(rng.integers(-6, 6, (m, 1)))
+  w = rng.standard_normal((k, n)) * np.exp2(rng.integers(-6, 6, (1, n)))
+  return jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), jnp.asarray(w, jnp.float32)
+
+
+def quantized(x, w, fa, fw):
+  # 2-D weight blocks (128 x 128) cover both axes of w; the others block w along K.
+  return lb.quantize(x, fa, axis=1), lb.quantize(w, fw, axis=1 if fw.endswith("128x128") else 0)
+
+
+def ocp_dot(qa, qw):
+  a = np.asarray(lb.dequantize(qa, jnp.float32), np.float64)
+  b = np.asarray(lb.dequantize(qw, jnp.float32), np.float64)
+  return a @ b, np.abs(a) @ np.abs(b)
+
+
+@pytest.mark.parametrize("fa, fw", PAIRS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantized_pairs_match_the_ocp_dot(fa, fw, shape):
+  x, w = operands(*shape)
+  qa, qw = quantized(x, w, fa, fw)
+  y = lb.dot_general(qa, qw, DN, preferred_element_type=jnp.float32)
+  ref, mag = ocp_dot(qa, qw)
+  assert y.shape == ref.shape and y.dtype == jnp.float32
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), shape[1] * 2.0 ** -23 * mag + 1e-30)
+  assert lb.matmul(qa, qw).dtype == jnp.bfloat16  # lhs's logical dtype by default
+
+
+def test_int8_pair_is_an_exact_int32_dot():
+  """A8W8 (per-token x per-channel int8): the int32 sum of code products, scaled once in float32."""
+  x, w = operands(9, 300, 24, seed=1)
+  qa, qw = quantized(x, w, "int8_channel_sym", "int8_channel_sym")
+  y = lb.dot_general(qa, qw, DN, preferred_element_type=jnp.float32)
+  acc = (np.asarray(qa.data, np.int64) @ np.asarray(qw.data, np.int64)).astype(np.float32)
+  want = acc * np.asarray(qa.scale, np.float32) * np.asarray(qw.scale, np.float32)
+  np.testing.assert_array_equal(np.asarray(y), want)
+
+
+@pytest.mark.parametrize("act", ["mxfp8_e4m3", "mxint8", "nvfp4", "int8_channel_sym"])
+def test_act_format_quantizes_inside_the_call(act):
+  x, w = operands(7, 128, 24, seed=2)
+  qw = lb.quantize(w, "mxfp4", axis=0)
+  y = jax.jit(lambda x, qw: lb.dot_general(x, qw, DN, act_format=act))(x, qw)
+  want = lb.dot_general(lb.quantize(x, act, axis=1), qw, DN)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+
+
+def test_act_format_gradient_is_straight_through():
+  x, w = operands(6, 64, 16, seed=3)
+  x = x.astype(jnp.float32)
+  qw = lb.quantize(w, "mxfp8_e4m3", axis=0)
+  c = jax.random.normal(jax.random.key(0), (6, 16))
+  loss = lambda x: jnp.sum(lb.dot_general(x, qw, DN, act_format="mxfp8_e4m3") * c)
+  dx = jax.grad(loss)(x)
+  np.testing.assert_allclose(dx, c @ lb.dequantize(qw, jnp.float32).T, rtol=1e-6, atol=1e-6)
+  # gradients quantized to MXFP8 E5M2 before the backward product
+  loss_q = lambda x: jnp.sum(lb.dot_general(x, qw, DN, act_format="mxfp8_e4m3", grad_format="mxfp8_e5m2") * c)
+  cq = lb.dequantize(lb.quantize(c, "mxfp8_e5m2", axis=-1), jnp.float32)
+  np.testing.assert_allclose(jax.grad(loss_q)(x), cq @ lb.dequantize(qw, jnp.float32).T, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(cq, c)  # the E5M2 rounding is visible, so the check above can fail
+
+
+def test_act_format_with_a_float_weight_differentiates_both():
+  x, w = operands(4, 64, 8, seed=4)
+  x = x.astype(jnp.float32)
+  c = jax.random.normal(jax.random.key(1), (4, 8))
+  dx, dw = jax.grad(lambda x, w: jnp.sum(lb.dot_general(x, w, DN, act_format="mxfp4") * c), (0, 1))(x, w)
+  xq = lb.dequantize(lb.quantize(x, "mxfp4", axis=1), jnp.float32)
+  np.testing.assert_allclose(dx, c @ w.T, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dw, xq.T @ c, rtol=1e-6, atol=1e-6)
+
+
+def test_errors():
+  x, w = operands(4, 64, 8)
+  qa, qw = quantized(x, w, "mxfp8_e4m3", "mxfp8_e4m3")
+  with pytest.raises(ValueError, match="already a QArray"):
+    lb.dot_general(qa, qw, DN, act_format="mxfp8_e4m3")
+  with pytest.raises(ValueError, match="grad_format applies with act_format"):
+    lb.dot_general(x, qw, DN, grad_format="mxfp8_e5m2")
+  with pytest.raises(ValueError, match="Unknown format"):
+    lb.dot_general(x, qw, DN, act_format="fp7")
+  with pytest.raises(ValueError, match="not a contracting dimension"):
+    lb.dot_general(qa, lb.quantize(w, "mxfp8_e4m3", axis=1), DN)
+
+
+KERNEL = "pallas" if jax.default_backend() == "gpu" else "interpret"
+
+
+@pytest.mark.parametrize("k_major", [False, True])
+@pytest.mark.parametrize("shape", [(5, 100, 40), (130, 96, 300)])
+def test_int8_kernel_matches_the_xla_path(k_major, shape):
+  """The Pallas A8W8 kernel (int32 MMA, scales in the epilogue) stores exactly the XLA path's values, for (K, N)
+  weights and K-major (N, K) ones, on ragged shapes (tiles overhang M, N and K)."""
+  m, k, n = shape
+  x, w = operands(m, k, n, seed=5)
+  qa = lb.quantize(x, "int8_channel_sym", axis=1)
+  if k_major:
+    qw, dn = lb.quantize(w.T, "int8_channel_sym", axis=1), (((1,), (1,)), ((), ()))
+  else:
+    qw, dn = lb.quantize(w, "int8_channel_sym", axis=0), DN
+  for dtype in (jnp.float32, jnp.bfloat16):
+    y = lb.dot_general(qa, qw, dn, preferred_element_type=dtype, backend=KERNEL)
+    want = lb.dot_general(qa, qw, dn, preferred_element_type=dtype, backend="xla")
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+
+
+def test_pairs_without_a_kernel_refuse_a_forced_kernel():
+  x, w = operands(4, 64, 8)
+  qa, qw = quantized(x, w, "mxfp8_e4m3", "mxfp8_e4m3")
+  with pytest.raises(ValueError, match="int8 per-token x per-channel pairs only"):
+    lb.dot_general(qa, qw, DN, backend="interpret")
