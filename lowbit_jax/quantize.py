@@ -150,15 +150,15 @@ def _dequantize(q: QArray, dtype):
 
 
 def _fused(x, fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -> bool:
-  """Whether the fused Pallas kernels (pallas_kernels/quantize.py) take this call: an NVIDIA GPU, an MX or NVFP4
-  format they support, blocks along the last axis of whole blocks, nearest rounding. They store the same bits."""
-  if (rounding != "nearest" or not shape or axis != len(shape) - 1 or fmt.block is None
-      or shape[-1] % fmt.block[-1] or 0 in shape
+  """Whether the fused Pallas kernels (pallas_kernels/quantize.py) take this call: an NVIDIA GPU, a format they
+  support (MX, NVFP4, per-row int8, block FP8 1 x 128), blocks along the last axis of whole blocks, nearest
+  rounding. They store the same bits."""
+  if (rounding != "nearest" or not shape or axis != len(shape) - 1 or 0 in shape
       or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))):
     return False
   from pallas_kernels.backend import on_gpu
-  from pallas_kernels.quantize import supports
-  return on_gpu(x) and supports(fmt) is None
+  from pallas_kernels.quantize import fits, supports
+  return on_gpu(x) and supports(fmt) is None and fits(fmt, shape[-1]) is None
 
 
 def _quantize_fused(x, fmt: Format, scale_mode: str, tensor_scale) -> QArray:
@@ -306,6 +306,7 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}.")
   whole = q.data.shape[-1] * 8 // q.format.element_type.bits == q.shape[-1]  # no padding along the last axis
-  if whole and _fused(q.data, q.format, q.shape, q.axis, dtype):
+  # The fused dequantize kernel covers MX and NVFP4 (absmax formats dequantize in one XLA fusion near copy speed).
+  if whole and q.format.rule in ("mx", "nvfp4") and _fused(q.data, q.format, q.shape, q.axis, dtype):
     return _dequantize_fused(q, dtype)
   return _dequantize_jit(q, dtype)

@@ -136,7 +136,7 @@ def absmax(x, red, el: ElementType, scale_dtype, u=None):
   """
   amax, finite = _amax(x, red)
   top = el.max if el.kind == "float" else el.int_max
-  s = elements.div(amax, top)
+  s = elements.div_any(amax, top)
   if el.kind == "float":
     s = jnp.where(_positive(amax), s, 1.0)
   s, sf = _store(jnp.where(finite, s, jnp.nan), scale_dtype)
@@ -157,7 +157,7 @@ def asym(x, red, el: ElementType, scale_dtype, u=None):
   xf = jnp.where(finite, x, 0.0)
   lo = jnp.minimum(jnp.min(xf, axis=red, keepdims=True), 0.0)
   hi = jnp.maximum(jnp.max(xf, axis=red, keepdims=True), 0.0)
-  s, sf = _store(jnp.where(finite, elements.div(hi - lo, top), jnp.nan), scale_dtype)
+  s, sf = _store(jnp.where(finite, elements.div_any(hi - lo, top), jnp.nan), scale_dtype)
   ok = finite & (sf > 0)
   sd = jnp.where(ok, sf, 1.0)
   z = jnp.where(ok, jnp.clip(jnp.round(elements.div(-lo, sd)), 0, top), 0.0)

@@ -38,6 +38,9 @@ from pallas_kernels import backend as _backend
 __all__ = ["quantize_rows", "dequantize_rows", "supports"]
 
 _E4M3 = SCALE_GRIDS["float8_e4m3fn"]
+# Scales leave the kernels as bits of their storage width, bitcast outside.
+_SCALE_BITS = {"float8_e8m0fnu": jnp.uint8, "float8_e4m3fn": jnp.uint8, "bfloat16": jnp.uint16,
+               "float32": jnp.uint32}
 
 
 def supports(fmt: Format) -> str | None:
@@ -52,18 +55,30 @@ def supports(fmt: Format) -> str | None:
     if fmt.block not in ((16,), (32,)) or fmt.element_type.bits != 4:
       return f"{fmt.name}: E4M3-scaled blocks of {fmt.block} with {fmt.element_type.bits}-bit elements"
     return None
-  return f"{fmt.name}: not an MX or NVFP4 format"
+  if fmt.rule == "absmax":
+    if fmt.element == "int8" and fmt.block is None and fmt.scale in ("bfloat16", "float32"):
+      return None  # per-row (per-token) int8
+    if fmt.element == "float8_e4m3fn" and fmt.block == (128,) and fmt.scale == "float32":
+      return None  # block FP8, 1 x 128
+    return f"{fmt.name}: absmax formats other than per-row int8 and 1 x 128 block FP8"
+  return f"{fmt.name}: not an MX, NVFP4, per-row int8 or block FP8 format"
+
+
+def fits(fmt: Format, cols: int) -> str | None:
+  """None if the kernels take rows of `cols` elements of `fmt` (whole blocks; a whole row must be a power of two
+  of at most 16384 elements for per-row formats), else why not."""
+  if fmt.block is None:
+    return None if cols & (cols - 1) == 0 and 32 <= cols <= 16384 else (
+        f"per-row {fmt.name} needs a power-of-two row length in [32, 16384], got {cols}")
+  return None if cols % fmt.block[0] == 0 else f"the last axis ({cols}) is not a multiple of the block {fmt.block[0]}"
 
 
 def _check(fmt: Format, cols: int) -> int:
   """The block size, after checking that the kernels take `fmt` and `cols`."""
-  reason = supports(fmt)
+  reason = supports(fmt) or fits(fmt, cols)
   if reason:
     raise ValueError(f"pallas_kernels.quantize does not support {reason}.")
-  block = fmt.block[0]
-  if cols % block:
-    raise ValueError(f"the last axis ({cols}) must be a multiple of the block size {block}.")
-  return block
+  return cols if fmt.block is None else fmt.block[0]
 
 
 def _col_tile(cols: int, most: int) -> int:
@@ -160,10 +175,37 @@ def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
   return _float_codes(y, el, sign=x), jnp.where(finite, scode, 0x7F), ok
 
 
+def _absmax_blocks(x, amax, el: ElementType, scale: str, backend: str):
+  """As `_mx_blocks` for the absmax rule (`scales.absmax`): s = amax / max stored in `scale` (bfloat16 or float32;
+  1 for an all-zero block of float elements), elements x / s; scale bits as int32."""
+  div = functools.partial(_backend.div_rn, backend=backend)
+  finite = amax < 0x7F800000
+  s = div(_f32(jnp.where(finite, amax, 0)), el.max if el.kind == "float" else el.int_max)
+  if el.kind == "float":
+    s = jnp.where(amax > 0, s, 1.0)
+  if scale == "bfloat16":  # round to nearest even on the bits; past bfloat16's largest value, saturate (DESIGN)
+    b = _i32(s)
+    sbits = jnp.minimum((b + 0x7FFF + ((b >> 16) & 1)) >> 16, 0x7F7F)
+    sf, nan = _f32(sbits << 16), 0x7FC0
+  else:
+    sbits, sf, nan = _i32(s), s, 0x7FC00000
+  ok = finite & (sf > 0)
+  d = jnp.where(ok, sf, 1.0)
+  p = elements.exp2i(jnp.clip(-elements.floor_log2(d), -126, 127))  # as in `_nvfp4_blocks`
+  y = _backend.div_by(x * p, d * p, div(1.0, d * p), backend=backend)
+  if el.kind == "float":
+    codes = _float_codes(y, el, sign=x)
+  else:  # round(|y|) saturated at 127; the sign of x. NaN (an overflowed quotient) saturates too.
+    a = jnp.abs(y)
+    n = jnp.minimum(elements.round_half_even(jnp.where(a < 2.0 ** 22, a, 2.0 ** 22)), el.int_max)
+    codes = jnp.where(x < 0, -n, n).astype(jnp.int8)
+  return codes, jnp.where(finite, sbits, nan), ok
+
+
 def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
   x_ref, *g_ref, d_ref, s_ref = refs
-  el, block = fmt.element_type, fmt.block[0]
   br, ct = x_ref.shape
+  el, block = fmt.element_type, (ct if fmt.block is None else fmt.block[0])
   nb = ct // block
   x = _backend.load(x_ref, (slice(None), slice(None)), _row_mask(br, rows, (br, ct)), 0, backend=backend)
   x = x.astype(jnp.float32).reshape(br, nb, block)
@@ -172,15 +214,17 @@ def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
   amax = jnp.max(_i32(x) & 0x7FFFFFFF, axis=-1, keepdims=True)
   if fmt.rule == "mx":
     codes, sbits, ok = _mx_blocks(x, amax, el, mode)
-  else:
+  elif fmt.rule == "nvfp4":
     codes, sbits, ok = _nvfp4_blocks(x, amax, g_ref[0][...].reshape(1, 1, 1), el, backend)
+  else:
+    codes, sbits, ok = _absmax_blocks(x, amax, el, fmt.scale, backend)
   codes = jnp.where(ok, codes, 0).reshape(br, ct)
   if el.bits == 4:
     # Eight nibbles to a little-endian 32-bit word (wider stores); the caller views the words as bytes.
     nib = codes.reshape(br, ct // 8, 8).astype(jnp.int32)
     codes = _u32(jnp.sum(nib << (4 * lax.broadcasted_iota(jnp.int32, nib.shape, 2)), axis=-1))
   _backend.store(d_ref, codes, _row_mask(br, rows, codes.shape), backend=backend)
-  sbits = sbits.astype(jnp.uint8).reshape(br, nb)
+  sbits = sbits.astype(s_ref.dtype).reshape(br, nb)
   _backend.store(s_ref, sbits, _row_mask(br, rows, sbits.shape), backend=backend)
 
 
@@ -193,9 +237,11 @@ def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | Non
 
   Returns (data, scale) with the storage of `lowbit_jax.quantize(x, fmt, scale_mode=scale_mode,
   tensor_scale=tensor_scale)` (module docstring), bit for bit outside the limits listed there. `fmt`: mxfp8_e4m3,
-  mxfp8_e5m2, mxfp4, mxint8, or an NVFP4-rule format (E2M1 elements, E4M3 scales), which needs the float32
-  `tensor_scale` g when it has one. Tiles are (block_rows, C_tile) with C_tile the largest power of two dividing C
-  and at most block_cols; block_rows and block_cols are powers of two.
+  mxfp8_e5m2, mxfp4, mxint8, an NVFP4-rule format (E2M1 elements, E4M3 scales), which needs the float32
+  `tensor_scale` g when it has one, per-row int8 (`int8_channel_sym`: one scale per row, for per-token
+  activations) or 1 x 128 block FP8 (`fp8_block_1x128`). Tiles are (block_rows, C_tile) with C_tile the largest
+  power of two dividing C and at most block_cols (per-row formats: the whole row, with fewer rows per tile);
+  block_rows and block_cols are powers of two.
   """
   fmt = get_format(fmt)
   rows, cols = x.shape
@@ -203,7 +249,10 @@ def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | Non
   if scale_mode not in scales.SCALE_MODES:
     raise ValueError(f"scale_mode must be one of {scales.SCALE_MODES}, got {scale_mode!r}.")
   el = fmt.element_type
-  ct = _col_tile(cols, block_cols)
+  if fmt.block is None:  # a program holds whole rows: at most 8192 elements of x
+    ct, block_rows = cols, max(1, min(block_rows, 8192 // cols))
+  else:
+    ct = _col_tile(cols, block_cols)
   args, in_specs = [x], [pl.BlockSpec((block_rows, ct), lambda i, j: (i, j))]
   if fmt.rule == "nvfp4":
     if fmt.tensor_scale and tensor_scale is None:
@@ -217,7 +266,7 @@ def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | Non
   data, scale = _backend.call(
       kernel, backend=backend,
       out_shape=(jax.ShapeDtypeStruct((rows, cols // per_word), data_dtype),
-                 jax.ShapeDtypeStruct((rows, cols // block), jnp.uint8)),
+                 jax.ShapeDtypeStruct((rows, cols // block), _SCALE_BITS[fmt.scale])),
       grid=(pl.cdiv(rows, block_rows), cols // ct),
       in_specs=in_specs,
       out_specs=(pl.BlockSpec((block_rows, ct // per_word), lambda i, j: (i, j)),

@@ -65,7 +65,7 @@ def test_dequantize_matches_xla(fmt, dtype):
 def test_rejects_unsupported():
   with pytest.raises(ValueError, match="6-bit"):
     qk.quantize_rows(jnp.zeros((8, 64)), "mxfp6_e2m3", backend=BACKEND)
-  with pytest.raises(ValueError, match="not an MX or NVFP4 format"):
+  with pytest.raises(ValueError, match="absmax formats other than"):
     qk.quantize_rows(jnp.zeros((8, 64)), "int4_g32_sym", backend=BACKEND)
   with pytest.raises(ValueError, match="needs its tensor scale"):
     qk.quantize_rows(jnp.zeros((8, 64)), "nvfp4", backend=BACKEND)
@@ -140,3 +140,31 @@ def test_kernel_division_is_correctly_rounded():
   np.testing.assert_array_equal(_bits(e), _bits(want))
   nonzero = x != 0  # div_by loses the sign of a zero numerator (the kernel takes signs from x)
   np.testing.assert_array_equal(_bits(q)[nonzero], _bits(want)[nonzero])
+
+
+@pytest.mark.parametrize("fmt", ["int8_channel_sym", "fp8_block_1x128"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_absmax_rows_match_xla(fmt, dtype):
+  """Per-row int8 (per-token activations) and 1 x 128 block FP8: ties of the integer grid (k + 1/2 times a
+  power-of-two scale), saturation, NaN / Inf rows, zero and -0.0 rows, tiny rows."""
+  x = np.array(_inputs(jnp.float32, rows=24, cols=256, seed=4))
+  x[5] = (np.arange(256) - 128 + 0.5) * 2.0 ** -3  # s = 127.5 / 8 / 127 is not a power of two: quotients near ties
+  x[6] = np.round(np.linspace(-127, 127, 256)) * 2.0 ** -5  # amax = 127 * 2^-5: s = 2^-5, every tie exact
+  x[6, 1::7] += 2.0 ** -6
+  x[7] = 0.0
+  x[8] = -0.0
+  x[9] *= 2.0 ** -100  # (float32-subnormal scales are a CPU limitation of the XLA path: README)
+  x = jnp.asarray(x).astype(dtype)
+  ref = lb.quantize(x, fmt)
+  tiles = dict(block_rows=4, block_cols=128)
+  data, scale = qk.quantize_rows(x, fmt, backend=BACKEND, **tiles)
+  assert data.dtype == ref.data.dtype and scale.dtype == ref.scale.dtype and scale.shape == ref.scale.shape
+  np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
+  np.testing.assert_array_equal(_bits(data), _bits(ref.data))
+
+
+def test_absmax_row_length_limits():
+  with pytest.raises(ValueError, match="power-of-two row length"):
+    qk.quantize_rows(jnp.ones((4, 96)), "int8_channel_sym", backend=BACKEND)
+  with pytest.raises(ValueError, match="absmax formats other than"):
+    qk.quantize_rows(jnp.ones((4, 128)), "int4_channel_sym", backend=BACKEND)
