@@ -120,11 +120,16 @@ def test_qembed_gathers_rows_and_attends(fmt):
     q(jnp.ones((2,)))
 
 
-def test_activation_format_emulates_on_the_input():
+def test_activation_format_runs_the_quantized_pair():
   layer = QLinear(64, 8, weight_format="mxfp4", activation_format="mxfp8_e4m3", use_bias=False, **KW)
   x = normal(1, (3, 64))
+  eq(layer(x), lb.dot_general(lb.quantize(x, "mxfp8_e4m3", axis=-1), layer.kernel.get_value(), DN(2)))
+  a8w8 = QLinear(64, 8, weight_format="int8_channel_sym", activation_format="int8_channel_sym", use_bias=False, **KW)
+  eq(a8w8(x), lb.dot_general(lb.quantize(x, "int8_channel_sym", axis=-1), a8w8.kernel.get_value(), DN(2)))
+  # in QAT the activation is fake-quantized (straight-through gradients for x and the float kernel)
+  qat = QLinear(64, 8, weight_format="mxfp4", activation_format="mxfp8_e4m3", qat=True, use_bias=False, **KW)
   xq = lb.dequantize(lb.quantize(x, "mxfp8_e4m3", axis=-1))
-  eq(layer(x), lb.dot_general(xq, layer.kernel.get_value(), DN(2)))
+  eq(qat(x), xq @ lb.fake_quant(qat.kernel.get_value(), "mxfp4", axis=0))
 
 
 def test_layer_errors_name_the_layer_and_rule():

@@ -7,8 +7,10 @@ Each layer takes its nnx counterpart's constructor arguments plus `weight_format
   - `qat=True` (quantization-aware training): the kernel is a float `nnx.Param` and the forward pass uses
     `fake_quant(kernel)`, whose gradient is straight-through; `quantize_model` later turns the layer into an
     inference one.
-An `activation_format` quantizes and dequantizes the input along its contraction axis before the matmul
-(`fake_quant`): this emulates activation quantization numerically; no kernel runs on quantized activations yet.
+An `activation_format` quantizes the input along its contraction axis: in `QLinear` and `QLinearGeneral` at
+inference, inside the matmul (`dot_general(..., act_format=...)`, so quantized pairs run as such: A8W8 int8 on
+the Pallas int8 kernel on a GPU); in QAT, `QEinsum` and `QEmbed.attend`, as a fake quantization (the same values,
+straight-through gradients).
 
 Formats must have 1-D blocks (or be per-channel) whose size divides the contraction length.
 """
@@ -80,7 +82,7 @@ def _value_init(value):
 
 
 class _QLayer(nnx.Module):
-  """Shared forward-pass steps: the (fake-)quantized weight, the emulated activation quantization, dtypes."""
+  """Shared forward-pass steps: the (fake-)quantized weight, the activation quantization, dtypes."""
 
   def _weight(self, axis: int, dtype):
     """The kernel as the matmul sees it: the QArray (dequantized to the input's dtype by the matmul), or in QAT
@@ -98,6 +100,16 @@ class _QLayer(nnx.Module):
 
   def _activation(self, x, axis: int = -1):
     return x if self.activation_format is None else fake_quant(x, self.activation_format, axis=axis)
+
+  def _matmul(self, x, out_sharding):
+    """x (..., in) @ kernel (in, out). With an activation format (not in QAT) x is quantized inside the call and
+    the quantized pair runs (the int8 kernel for A8W8 on a GPU); in QAT the activation is fake-quantized."""
+    act = None if self.qat else self.activation_format
+    if act is None:
+      x = self._activation(x)
+    return dot_general(x, self._weight(0, x.dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision,
+                       preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
+                       backend=self.backend, act_format=act)
 
 
 class QLinear(_QLayer):
@@ -147,10 +159,7 @@ class QLinear(_QLayer):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     x, bias = self._promote(inputs, self.bias.get_value() if self.bias is not None else None)
-    x = self._activation(x)
-    y = dot_general(x, self._weight(0, x.dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision,
-                    preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
-                    backend=self.backend)
+    y = self._matmul(x, out_sharding)
     return y if bias is None else y + bias
 
 
@@ -222,10 +231,7 @@ class QLinearGeneral(_QLayer):
     axes = [a % x.ndim for a in self.axis]
     x = jnp.moveaxis(x, axes, list(range(x.ndim - n, x.ndim)))
     lead = x.shape[:x.ndim - n]
-    x = self._activation(x.reshape(lead + (math.prod(self.in_features),)))
-    y = dot_general(x, self._weight(0, x.dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision,
-                    preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
-                    backend=self.backend)
+    y = self._matmul(x.reshape(lead + (math.prod(self.in_features),)), out_sharding)
     y = y.reshape(lead + self.out_features)
     return y if bias is None else y + bias
 
