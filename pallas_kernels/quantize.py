@@ -157,6 +157,12 @@ def _mx_blocks(x, amax, el: ElementType, mode: str):
   return jnp.where(y < 0, -n, n).astype(jnp.int8), sbits, ok
 
 
+def _unit_scale(d):
+  """A power of two p with d * p normal and near 1 for d > 0, from d's exponent bits alone (few ops: it runs per
+  block): 2^(127 - E) for biased exponent E >= 1 (d * p in [1, 2)), 2^127 for subnormal d, 2^-126 past 2^127."""
+  return _f32(jnp.maximum(254 - (_i32(d) >> 23), 1) << 23)
+
+
 def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
   """As `_mx_blocks` for NVFP4 blocks (`scales.nvfp4`) with E4M3 scale bits, g the tensor scale."""
   div = functools.partial(_backend.div_rn, backend=backend)
@@ -166,10 +172,10 @@ def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
   sf = elements.decode(scode, _E4M3)
   ok = finite & (sf > 0)
   d = jnp.where(ok, sf * g, 1.0)
-  # x / d as (x * 2^k) / (d * 2^k) with d * 2^k in [1, 2): exact scaling, and the reciprocal and the refinement
-  # steps of `div_by` stay in the normal range. Quotients that overflow to inf (or NaN inside div_by) saturate,
-  # as the exact ones do; the sign comes from x.
-  p = elements.exp2i(jnp.clip(-elements.floor_log2(d), -126, 127))
+  # x / d as (x p) / (d p) with p a power of two that brings d near 1: exact scaling, and the reciprocal and the
+  # refinement steps of `div_by` stay in the normal range. Quotients that overflow to inf (or NaN inside div_by)
+  # saturate, as the exact ones do; the sign comes from x.
+  p = _unit_scale(d)
   d = d * p
   y = _backend.div_by(x * p, d, div(1.0, d), backend=backend)
   return _float_codes(y, el, sign=x), jnp.where(finite, scode, 0x7F), ok
@@ -191,7 +197,7 @@ def _absmax_blocks(x, amax, el: ElementType, scale: str, backend: str):
     sbits, sf, nan = _i32(s), s, 0x7FC00000
   ok = finite & (sf > 0)
   d = jnp.where(ok, sf, 1.0)
-  p = elements.exp2i(jnp.clip(-elements.floor_log2(d), -126, 127))  # as in `_nvfp4_blocks`
+  p = _unit_scale(d)  # as in `_nvfp4_blocks`
   y = _backend.div_by(x * p, d * p, div(1.0, d * p), backend=backend)
   if el.kind == "float":
     codes = _float_codes(y, el, sign=x)
