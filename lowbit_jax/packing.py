@@ -67,7 +67,19 @@ def pack(codes: jax.Array, bits: int, axis: int) -> jax.Array:
   if bits == 8:
     return codes
   dt = _word_dtype(n)
-  word = functools.reduce(operator.or_, [c.astype(dt) << (bits * i) for i, c in enumerate(_split(codes, axis, k))])
+
+  def ored(codes):  # k strided slices or-ed together
+    return functools.reduce(operator.or_, [c.astype(dt) << (bits * i) for i, c in enumerate(_split(codes, axis, k))])
+
+  def summed(codes):  # a sum over a reshaped axis of disjoint bit fields (sum == or)
+    s = codes.shape
+    x = codes.reshape(s[:axis] + (s[axis] // k, k) + s[axis + 1:]).astype(dt)
+    shifts = (bits * jnp.arange(k, dtype=dt)).reshape((k,) + (1,) * (len(s) - axis - 1))
+    return jnp.sum(x << shifts, axis=axis + 1, dtype=dt)
+
+  # Same bits either way. XLA's CPU backend recomputes the fused per-element quantization for every strided slice
+  # (the sum is 5-15x faster there); on a GPU the slices are 10-25% faster (H100, 8192^2 int2/3/4 quantize).
+  word = lax.platform_dependent(codes, cpu=summed, default=ored)
   return _join([(word >> (8 * j)).astype(jnp.uint8) for j in range(n)], axis)
 
 
