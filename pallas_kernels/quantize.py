@@ -1,18 +1,21 @@
-"""Fused quantize and dequantize of 2-D arrays blocked along the last axis: MX (blocks of 32) and NVFP4.
+"""Fused quantize and dequantize of 2-D arrays blocked along the last axis: MX (blocks of 32), NVFP4, and (quantize
+only) per-row int8 and 1 x 128 block FP8.
 
-Layouts (DESIGN.md), for x of shape (R, C), C a multiple of the block B:
-  data: (R, C) float8 (MXFP8), (R, C) int8 (MXINT8) or (R, C / 2) uint8 (MXFP4, NVFP4: element 2i in the low
-    nibble of byte i, 2i + 1 in the high nibble).
-  scale: (R, C / B) float8_e8m0fnu (MX) or float8_e4m3fn (NVFP4, B = 16), and for NVFP4 a float32 tensor scale g.
+Layouts (DESIGN.md), for x of shape (R, C), C a multiple of the block B (per-row int8: B = C):
+  data: (R, C) float8 (MXFP8, block FP8), (R, C) int8 (MXINT8, int8) or (R, C / 2) uint8 (MXFP4, NVFP4: element 2i
+    in the low nibble of byte i, 2i + 1 in the high nibble).
+  scale: (R, C / B) float8_e8m0fnu (MX), float8_e4m3fn (NVFP4, B = 16, with a float32 tensor scale g), bfloat16
+    or float32 (absmax formats).
 One program handles a (block_rows, C_tile) tile of x: it reshapes it to (block_rows, C_tile / B, B), reduces each
-block, and writes the matching tiles of data and scale. Kernels move 8-bit values as uint8 bits, and 4-bit data as
-little-endian uint32 words of eight codes (wider stores), bitcast outside; they compute with the exact integer and
-power-of-two arithmetic of `lowbit_jax.scales` and `lowbit_jax.elements`, so the stored bits equal those of
-`lowbit_jax.quantize` (round to nearest even).
+block, and writes the matching tiles of data and scale. Kernels move 8-bit values as uint8 bits, scales as bits of
+their width, and 4-bit data as little-endian uint32 words of eight codes (wider stores), bitcast outside; they
+compute with the exact integer and power-of-two arithmetic of `lowbit_jax.scales` and `lowbit_jax.elements`, so
+the stored bits equal those of `lowbit_jax.quantize` (round to nearest even).
 
-NVFP4 divides: the block scale is amax / 6 / g and the elements x / (s * g), each an IEEE quotient. Per block the
-kernel divides once (`backend.div_rn`: the reciprocal of s * g, scaled by a power of two into [1, 2)); per element
-`backend.div_by` refines x times it to the correctly rounded quotient with fused multiply-adds.
+NVFP4 and the absmax formats divide (NVFP4: s = amax / 6 / g and x / (s * g); absmax: s = amax / max and x / s),
+each an IEEE quotient. Per block the kernel divides with `backend.div_rn` (Triton's own division is 2 ulps off);
+per element `backend.div_by` refines x times the block's reciprocal to the correctly rounded quotient with fused
+multiply-adds, after scaling x and the divisor by a power of two that keeps every step in the normal range.
 
 Exactness limits, left to the caller (fall back to XLA for them):
   - MX quantize: the scales are exact for every block, but the element codes of blocks with 0 < amax < 2^-100 are
