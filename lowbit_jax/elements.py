@@ -12,8 +12,8 @@ from jax import lax
 
 from lowbit_jax.formats import ElementType
 
-__all__ = ["exp2i", "floor_log2", "round_half_even", "ldexp", "ldexp_fast", "ldexp_if", "round_to_grid", "encode",
-           "decode", "div", "div_any"]
+__all__ = ["exp2i", "floor_log2", "round_half_even", "ldexp", "ldexp_fast", "ldexp_if", "unit_scale",
+           "round_to_grid", "encode", "decode", "div", "div_any"]
 
 
 def exp2i(n: jax.Array) -> jax.Array:
@@ -61,6 +61,15 @@ def ldexp_if(tiny: jax.Array, x: jax.Array, n) -> jax.Array:
 
   A branch on the whole array, so the common case pays for two multiplies instead of the bit arithmetic."""
   return lax.cond(tiny, ldexp, ldexp_fast, x, jnp.broadcast_to(jnp.asarray(n, jnp.int32), jnp.shape(x)))
+
+
+def unit_scale(d: jax.Array) -> jax.Array:
+  """A power of two p with d * p normal and near 1, for float32 d > 0, from d's exponent bits alone: 2^(127 - E)
+  for biased exponent E >= 1 (d * p in [1, 2)), 2^127 for subnormal d, 2^-126 from 2^127 on.
+
+  Dividing by d as (x p) / (d p) is then exact scaling that keeps a division's intermediates normal."""
+  return lax.bitcast_convert_type(jnp.maximum(254 - (lax.bitcast_convert_type(d, jnp.int32) >> 23), 1) << 23,
+                                  jnp.float32)
 
 
 def floor_log2(a: jax.Array) -> jax.Array:

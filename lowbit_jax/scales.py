@@ -121,11 +121,11 @@ def nvfp4(x, red, el: ElementType, g, u=None, top=None):
   s = elements.div_any(elements.div_any(amax, el.max if top is None else top), g)
   s, sf = _store(jnp.where(finite, jnp.minimum(s, _E4M3_MAX), jnp.nan), jnp.float8_e4m3fn)
   ok = finite & (sf > 0)
-  # x / d as (x 2^k) / (d 2^k) with d 2^k in [1, 2) (exact scaling) keeps `div` exact for tiny tensor scales;
-  # a quotient that overflows saturates as it would. The fused kernel divides the same way.
+  # x / d as (x p) / (d p) with d p near 1 (exact scaling) keeps `div` exact for tiny tensor scales; a quotient
+  # that overflows saturates as it would. The fused kernel divides the same way.
   d = jnp.where(ok, sf * g, 1.0)
-  k = jnp.clip(-elements.floor_log2(d), -126, 127)
-  y = elements.div(elements.ldexp_fast(x, k), elements.ldexp_fast(d, k))
+  p = elements.unit_scale(d)
+  y = elements.div(x * p, d * p)
   return jnp.where(ok, elements.round_to_grid(jnp.where(ok, y, 0.0), el, u), 0.0), s, None
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "load", "on_gpu", "store"]
+__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "load", "on_gpu", "store", "tile_mask"]
 
 BACKENDS = ("triton", "interpret")
 
@@ -122,6 +122,15 @@ def load(ref, idx, mask=None, other=None, *, backend: str):
     return jnp.where(mask, ref[idx], other)
   from jax.experimental.pallas import triton as pltriton
   return pltriton.load(ref.at[idx], mask=mask, other=other)
+
+
+def tile_mask(row_ok, col_ok, shape):
+  """The (rows, cols) mask of an output tile from its row mask (rows, 1) and column mask (1, cols), either None
+  when every row (column) lies inside the array; None when the whole tile does."""
+  if row_ok is None and col_ok is None:
+    return None
+  return jnp.broadcast_to(True if row_ok is None else row_ok, shape) & jnp.broadcast_to(
+      True if col_ok is None else col_ok, shape)
 
 
 def store(ref, value, mask=None, *, backend: str):

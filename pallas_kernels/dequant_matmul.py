@@ -175,10 +175,7 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
     acc = acc * post
   if has_g:
     acc = acc * g_ref[0]
-  mask = None
-  if row_ok is not None or col_ok is not None:
-    mask = jnp.broadcast_to(True if row_ok is None else row_ok, (bm, bn)) & (True if col_ok is None else col_ok)
-  _backend.store(o_ref, acc.astype(o_ref.dtype), mask, backend=backend)
+  _backend.store(o_ref, acc.astype(o_ref.dtype), _backend.tile_mask(row_ok, col_ok, (bm, bn)), backend=backend)
 
 
 def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "triton",

@@ -52,10 +52,7 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, cfg: Int8Config, m: int, n: 
   sx = ld(sx_ref, (slice(None), slice(None)), row_ok, (bm, 1)).astype(jnp.float32)
   sw = ld(sw_ref, (slice(None), slice(None)), None if col_ok is None else col_ok.reshape(1, bn), (1, bn))
   y = (acc.astype(jnp.float32) * sx) * sw.astype(jnp.float32)
-  mask = None
-  if row_ok is not None or col_ok is not None:
-    mask = (jnp.broadcast_to(True if row_ok is None else row_ok, (bm, bn))
-            & jnp.broadcast_to(True if col_ok is None else col_ok.reshape(1, bn), (bm, bn)))
+  mask = _backend.tile_mask(row_ok, None if col_ok is None else col_ok.reshape(1, bn), (bm, bn))
   _backend.store(o_ref, y.astype(o_ref.dtype), mask, backend=backend)
 
 

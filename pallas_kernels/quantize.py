@@ -148,11 +148,11 @@ def _float_codes(y, el: ElementType, sign=None):
 def _mx_blocks(x, amax, el: ElementType, mode: str):
   """(element codes, E8M0 scale bits, which blocks have codes) of MX blocks x (rows, blocks, B), amax the bits of
   each block's largest magnitude (rows, blocks, 1)."""
-  nonzero = amax > 0
+  finite = amax < 0x7F800000
   e = scales.mx_exponent(_f32(amax), el, mode)
-  sbits = jnp.where(amax < 0x7F800000, e + 127, 255)
+  sbits = jnp.where(finite, e + 127, 255)
   y = elements.ldexp_fast(x, -e)
-  ok = (amax < 0x7F800000) & nonzero
+  ok = finite & (amax > 0)
   if el.kind == "float":
     return _float_codes(y, el), sbits, ok
   # MXINT8: round(y * 2^6) saturated at 127, as round_to_grid then fixed point to integer codes
@@ -160,10 +160,13 @@ def _mx_blocks(x, amax, el: ElementType, mode: str):
   return jnp.where(y < 0, -n, n).astype(jnp.int8), sbits, ok
 
 
-def _unit_scale(d):
-  """A power of two p with d * p normal and near 1 for d > 0, from d's exponent bits alone (few ops: it runs per
-  block): 2^(127 - E) for biased exponent E >= 1 (d * p in [1, 2)), 2^127 for subnormal d, 2^-126 past 2^127."""
-  return _f32(jnp.maximum(254 - (_i32(d) >> 23), 1) << 23)
+def _quotients(x, d, backend: str):
+  """x / d correctly rounded, d > 0 one divisor per block: (x p) / (d p) with p = `elements.unit_scale(d)`, so the
+  block's reciprocal (`backend.div_rn`) and the refinement steps of `backend.div_by` stay in the normal range.
+  Quotients that overflow come out inf or NaN; callers saturate them and take signs from x."""
+  p = elements.unit_scale(d)
+  d = d * p
+  return _backend.div_by(x * p, d, _backend.div_rn(1.0, d, backend=backend), backend=backend)
 
 
 def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
@@ -174,22 +177,16 @@ def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
   scode = _float_codes(s, _E4M3)
   sf = elements.decode(scode, _E4M3)
   ok = finite & (sf > 0)
-  d = jnp.where(ok, sf * g, 1.0)
-  # x / d as (x p) / (d p) with p a power of two that brings d near 1: exact scaling, and the reciprocal and the
-  # refinement steps of `div_by` stay in the normal range. Quotients that overflow to inf (or NaN inside div_by)
-  # saturate, as the exact ones do; the sign comes from x.
-  p = _unit_scale(d)
-  d = d * p
-  y = _backend.div_by(x * p, d, div(1.0, d), backend=backend)
+  y = _quotients(x, jnp.where(ok, sf * g, 1.0), backend)
   return _float_codes(y, el, sign=x), jnp.where(finite, scode, 0x7F), ok
 
 
 def _absmax_blocks(x, amax, el: ElementType, scale: str, backend: str):
   """As `_mx_blocks` for the absmax rule (`scales.absmax`): s = amax / max stored in `scale` (bfloat16 or float32;
   1 for an all-zero block of float elements), elements x / s; scale bits as int32."""
-  div = functools.partial(_backend.div_rn, backend=backend)
   finite = amax < 0x7F800000
-  s = div(_f32(jnp.where(finite, amax, 0)), el.max if el.kind == "float" else el.int_max)
+  s = _backend.div_rn(_f32(jnp.where(finite, amax, 0)), el.max if el.kind == "float" else el.int_max,
+                      backend=backend)
   if el.kind == "float":
     s = jnp.where(amax > 0, s, 1.0)
   if scale == "bfloat16":  # round to nearest even on the bits; past bfloat16's largest value, saturate (DESIGN)
@@ -199,9 +196,7 @@ def _absmax_blocks(x, amax, el: ElementType, scale: str, backend: str):
   else:
     sbits, sf, nan = _i32(s), s, 0x7FC00000
   ok = finite & (sf > 0)
-  d = jnp.where(ok, sf, 1.0)
-  p = _unit_scale(d)  # as in `_nvfp4_blocks`
-  y = _backend.div_by(x * p, d * p, div(1.0, d * p), backend=backend)
+  y = _quotients(x, jnp.where(ok, sf, 1.0), backend)
   if el.kind == "float":
     codes = _float_codes(y, el, sign=x)
   else:  # round(|y|) saturated at 127; the sign of x. NaN (an overflowed quotient) saturates too.
