@@ -91,8 +91,7 @@ def quantize_blocks(x, red, fmt: Format, cfg: HQQ):
   s_init = jnp.where(live, sf, 1.0)
 
   def step(i, carry):
-    s, z, beta, best = carry
-    q = _codes(xs, s, z, top)
+    s, z, q, beta, best = carry  # q: the codes under (s, z)
     e = xs - s * (q - z)
     e = jnp.sign(e) * jnp.maximum(jnp.abs(e) - jnp.abs(e) ** (cfg.p - 1) / beta, 0.0)
     t = xs - e
@@ -105,16 +104,19 @@ def quantize_blocks(x, red, fmt: Format, cfg: HQQ):
       z = jnp.where(a > 0, qm - tm / s, z)
     else:
       z = jnp.mean(q - t / s, axis=red, keepdims=True)
-    err = _lp(xs, s * (_codes(xs, s, z, top) - z), red, cfg.p)
+    q = _codes(xs, s, z, top)
+    err = _lp(xs, s * (q - z), red, cfg.p)
     better = err < best[0]
     best = (jnp.where(better, err, best[0]), jnp.where(better, s, best[1]), jnp.where(better, z, best[2]))
-    return s, z, beta * cfg.kappa, best
+    return s, z, q, beta * cfg.kappa, best
 
   start = (_lp(xs, sf * (q0 - zf), red, cfg.p), s_init, zf)
-  _, _, _, (_, s, z) = jax.lax.fori_loop(0, cfg.iters, step, (s_init, zf, jnp.float32(cfg.beta), start))
+  carry = (s_init, zf, _codes(xs, s_init, zf, top), jnp.float32(cfg.beta), start)
+  *_, (_, s, z) = jax.lax.fori_loop(0, cfg.iters, step, carry)
   # Store s and z as the format does, recompute the codes with the stored values, keep the better of this and RTN.
   s, sq = scales._store(s, dtype)
   z = z.astype(dtype)
-  q = _codes(xs, sq, z.astype(jnp.float32), top)
-  better = live & (_lp(xs, sq * (q - z.astype(jnp.float32)), red, cfg.p) < start[0])
+  zq = z.astype(jnp.float32)
+  q = _codes(xs, sq, zq, top)
+  better = live & (_lp(xs, sq * (q - zq), red, cfg.p) < start[0])
   return jnp.where(better, q, q0), jnp.where(better, s, s0), jnp.where(better, z, z0)
