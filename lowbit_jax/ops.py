@@ -85,7 +85,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   if not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   m = math.prod(lhs.shape[:-1])
-  if (isinstance(lhs, QArray) and isinstance(rhs, QArray) and lhs.format.rule == rhs.format.rule == "mx"
+  if (isinstance(lhs, QArray) and isinstance(rhs, QArray) and xla.exact_in_bf16(lhs) and xla.exact_in_bf16(rhs)
       and m < dispatch.XLA_FROM_M and backend in (None, "auto")):
     # Few rows of MX activations: dequantize them (exact in bfloat16) and stream the MX weights through the
     # weight-only path instead of materialising the whole dequantized weight. Same OCP dot: exact products,
@@ -117,15 +117,14 @@ def _dims(dimension_numbers):
   return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _act_quant_dot(x, rhs, dims, act: Format, grad: Format | None, precision, preferred_element_type, backend):
-  q = quantize(x, act, axis=dims[0][0][0])
-  return dot_general(q, rhs, dims, precision, preferred_element_type, backend=backend)
-
-
 def _act_quant_dot_fwd(x, rhs, dims, act, grad, precision, preferred_element_type, backend):
   q = quantize(x, act, axis=dims[0][0][0])
   return dot_general(q, rhs, dims, precision, preferred_element_type, backend=backend), (x, q, rhs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _act_quant_dot(x, rhs, dims, act: Format, grad: Format | None, precision, preferred_element_type, backend):
+  return _act_quant_dot_fwd(x, rhs, dims, act, grad, precision, preferred_element_type, backend)[0]
 
 
 def _zero_cotangent(a):

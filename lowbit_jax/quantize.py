@@ -194,9 +194,9 @@ def quantize(x: jax.Array, fmt: str | Format, *, axis: int = -1,
 
   Computes in float32 and rounds each element with its block's scale as stored (REFERENCE section 2), so
   `dequantize(quantize(x))` is exactly what a kernel reading the stored bits sees. A ragged block axis is
-  zero-padded to whole blocks; the logical shape is kept. On an NVIDIA GPU, MX formats with 8- and 4-bit elements
-  and NVFP4, blocked along the last axis, run a fused Pallas kernel that stores the same bits; everything else is
-  an XLA computation.
+  zero-padded to whole blocks; the logical shape is kept. On an NVIDIA GPU, MX formats with 8- and 4-bit elements,
+  NVFP4, per-row int8 and 1 x 128 block FP8, blocked along the last axis, run a fused Pallas kernel that stores
+  the same bits; everything else is an XLA computation.
 
   Args:
     x: a floating array of any rank (bf16, f16, f32, ...).

@@ -13,10 +13,10 @@ from jax import lax
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize
 
-__all__ = ["dot_general", "int8_pair"]
+__all__ = ["dot_general", "exact_in_bf16", "int8_pair"]
 
 
-def _exact_in_bf16(q: QArray) -> bool:
+def exact_in_bf16(q: QArray) -> bool:
   """MX values are a <= 8-bit significand times a power of two: bfloat16 holds them exactly (above 2^-126)."""
   return q.format.rule == "mx"
 
@@ -46,7 +46,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
       acc = lax.dot_general(lhs.data, rhs.data, dimension_numbers, preferred_element_type=jnp.int32, **kwargs)
       sw = rhs.scale.astype(jnp.float32).reshape(-1)  # (1, N) or (N, 1): one scale per output column
       return (acc.astype(jnp.float32) * lhs.scale.astype(jnp.float32) * sw).astype(out)
-    exact = _exact_in_bf16(lhs) and _exact_in_bf16(rhs)
+    exact = exact_in_bf16(lhs) and exact_in_bf16(rhs)
     dt = jnp.bfloat16 if exact else jnp.float32
     y = lax.dot_general(dequantize(lhs, dt), dequantize(rhs, dt), dimension_numbers,
                         precision=None if exact else lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
