@@ -123,8 +123,8 @@ def pairs(args) -> None:
   activation inside the call."""
   print(header())
   print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
-        "act_format vs bf16 | scaled_dot_general vs bf16 |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = time_calls(jnp.dot, xs, bf16_ws)
     flops = 2 * m * n * k
@@ -132,10 +132,13 @@ def pairs(args) -> None:
       sdg = f"{t_bf16 / time_calls(_sdg, xs, [jnp.transpose(w) for w in bf16_ws]):.2f}x"
     except Exception as e:  # not lowered on every platform
       sdg = f"n/a ({type(e).__name__})"
+    # XLA's per-tensor FP8 GEMM with K-major weights (its fastest FP8 layout, REFERENCE section 5)
+    t_fp8 = time_calls(lambda a, b: jnp.einsum("mk,nk->mn", a, b, preferred_element_type=jnp.bfloat16),
+                       [x.astype(jnp.float8_e4m3fn) for x in xs], [w.T.astype(jnp.float8_e4m3fn) for w in bf16_ws])
     for pair in args.pairs.split(","):
       fa, fw = pair.split(":")
       qxs = [lb.quantize(x, fa, axis=1) for x in xs]
-      layouts = [("(K, N)", 0)] + ([("(N, K)", 1)] if fw == "int8_channel_sym" else [])
+      layouts = [("(K, N)", 0)] + ([("(N, K)", 1)] if fw in ("int8_channel_sym", "fp8_block_128x128") else [])
       for label, rc in layouts:
         two_d = len(lb.get_format(fw).block or ()) == 2
         qws = [lb.quantize(w if rc == 0 else w.T, fw, axis=1 if two_d or rc == 1 else 0) for w in bf16_ws]
@@ -144,7 +147,8 @@ def pairs(args) -> None:
         t_x = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend="xla"), qxs, qws)
         t_f = time_calls(lambda a, w, dn=dn, fa=fa: lb.dot_general(a, w, dn, act_format=fa), xs, qws)
         print(f"| {fa} x {fw} | {label} | {m} | {n} | {k} | {t * 1e6:.0f} | {flops / t / 1e12:.0f} | "
-              f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} |", flush=True)
+              f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} | {t_fp8 / t:.2f}x |",
+              flush=True)
         del qws
       del qxs
 

@@ -1,9 +1,12 @@
 """Chooses an implementation for each quantized matmul call.
 
-`auto` (the default): on an NVIDIA GPU, the Pallas kernel when it takes the format, dtypes and layout (and the
-number of rows M is in the range where it wins), else the XLA reference, with a one-time warning that names the
-reason when no kernel takes the call; elsewhere the XLA reference (no warning: that is the
-implementation for CPU and TPU). `pallas`, `xla` and `interpret` force one.
+`auto` (the default): on an NVIDIA GPU, the kernel that takes the format pair, dtypes and layout (and the number
+of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
+takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
+Kernels: weight-only and int8 x int8 are Pallas (`pallas`); block FP8 is a Triton kernel launched by jax_triton
+(`jax_triton`, the optional `lowbit-jax[triton]` extra; without it a GPU warns once and runs XLA). `pallas`,
+`jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the Pallas
+interpreter, or the XLA twin of a jax_triton kernel).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import jax.numpy as jnp
 
 from lowbit_jax.qarray import QArray
 
-__all__ = ["BACKENDS", "choose", "weight_only_reason"]
+__all__ = ["BACKENDS", "choose", "pair_kernel", "weight_only_reason"]
 
-BACKENDS = ("auto", "pallas", "xla", "interpret")
+BACKENDS = ("auto", "pallas", "jax_triton", "xla", "interpret")
 _warned: set[str] = set()
 
 # Above this many activation rows XLA's dequantize-then-dot (weights materialised once in bf16, then cuBLAS) beats
@@ -47,35 +50,59 @@ def _warn_once(reason: str) -> None:
                   stacklevel=4)
 
 
+def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers) -> tuple[str | None, str | None]:
+  """(the backend of the kernel for these two quantized operands, None if none takes them; why not)."""
+  from lowbit_jax.xla import int8_pair
+  from pallas_kernels.fp8_block_matmul import supports
+  if int8_pair(lhs, rhs, dimension_numbers):
+    return "pallas", None
+  (lc, rc), (lb, rb) = dimension_numbers
+  layout_ok = not lb and not rb and rhs.ndim == 2 and tuple(rc) in ((0,), (1,)) and tuple(lc) == (lhs.ndim - 1,)
+  if layout_ok and supports(lhs.format, rhs.format) is None:
+    return "jax_triton", None
+  return None, ("quantized activations have kernels for int8 per-token x per-channel and block-FP8 "
+                f"(1x128 x 128x128) pairs (got {lhs.format.name} x {rhs.format.name}; XLA dots the dequantized "
+                "operands)")
+
+
 def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
-  """Returns "pallas", "interpret" or "xla" for this call."""
-  from pallas_kernels.backend import on_gpu
+  """Returns "pallas", "jax_triton", "interpret" or "xla" for this call."""
+  from pallas_kernels.backend import jax_triton_available, on_gpu
   backend = backend or "auto"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
   if backend == "xla":
     return "xla"
+  kernel = "pallas"
   if isinstance(lhs, QArray) and isinstance(rhs, QArray):
-    from lowbit_jax.xla import int8_pair
-    reason = None if int8_pair(lhs, rhs, dimension_numbers) else (
-        "quantized activations have a Pallas kernel for int8 per-token x per-channel pairs only "
-        f"(got {lhs.format.name} x {rhs.format.name}; XLA dots the dequantized operands)")
+    kernel, reason = pair_kernel(lhs, rhs, dimension_numbers)
   elif isinstance(lhs, QArray):
     reason = "a quantized lhs needs a quantized rhs"
   else:
     reason = weight_only_reason(lhs, rhs, dimension_numbers)
-  if backend in ("pallas", "interpret"):
+  if backend != "auto":
     if reason:
       raise ValueError(f"backend={backend!r} cannot run this call: {reason}.")
-    if backend == "pallas" and not on_gpu(lhs):
-      raise ValueError("backend='pallas' needs an NVIDIA GPU; use backend='interpret' to run the kernel on "
-                       "this device through Pallas's interpreter.")
+    if backend == "interpret":
+      return backend
+    if backend != kernel:
+      raise ValueError(f"backend={backend!r} cannot run this call: its kernel is a {kernel!r} kernel.")
+    if not on_gpu(lhs):
+      raise ValueError(f"backend={backend!r} needs an NVIDIA GPU; use backend='interpret' to run the kernel's "
+                       "math on this device.")
+    if backend == "jax_triton" and not jax_triton_available():
+      raise ValueError("backend='jax_triton' needs jax_triton and Triton: pip install 'lowbit-jax[triton]'.")
     return backend
   if not on_gpu(lhs):
     return "xla"
   if reason:
     _warn_once(reason)
     return "xla"
+  if kernel == "jax_triton":
+    if not jax_triton_available():
+      _warn_once("block-FP8 pairs need the Triton kernel, launched by jax_triton: pip install 'lowbit-jax[triton]'")
+      return "xla"
+    return kernel
   if isinstance(lhs, QArray):
     return "pallas" if m >= INT8_KERNEL_FROM_M else "xla"
   return "xla" if m >= XLA_FROM_M else "pallas"

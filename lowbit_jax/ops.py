@@ -95,20 +95,33 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m)
   if impl == "xla":
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
-  kernel_backend = "triton" if impl == "pallas" else "interpret"
   out_dtype = preferred_element_type or lhs.dtype
-  if isinstance(lhs, QArray):  # int8 per-token x per-channel (dispatch.choose checked)
-    from pallas_kernels.int8_matmul import int8_matmul
-    k = lhs.shape[-1]
-    (_, rc), _ = dimension_numbers
-    w = rhs.data.T if tuple(rc) == (0,) else rhs.data  # the kernel reads K-major weights; (K, N) pays a transpose
-    y = int8_matmul(lhs.data.reshape(-1, k), lhs.scale.reshape(-1, 1), w, rhs.scale.reshape(-1, 1),
-                    out_dtype=out_dtype, backend=kernel_backend)
-    return y.reshape(lhs.shape[:-1] + (w.shape[0],))
+  if isinstance(lhs, QArray):
+    return _pair_kernel(lhs, rhs, dimension_numbers, impl, out_dtype)
+  kernel_backend = "triton" if impl == "pallas" else "interpret"
   from pallas_kernels.dequant_matmul import dequant_matmul
   x2 = lhs.reshape(m, lhs.shape[-1])
   y = dequant_matmul(x2, rhs, out_dtype=out_dtype, backend=kernel_backend)
   return y.reshape(lhs.shape[:-1] + (rhs.shape[1],))
+
+
+def _pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, impl: str, out_dtype) -> jax.Array:
+  """Both operands quantized, in a pair `dispatch.pair_kernel` gives a kernel: int8 x int8 (Pallas) or block FP8
+  (jax_triton); `impl` is the chosen backend or "interpret"."""
+  (_, rc), _ = dimension_numbers
+  k_major = tuple(rc) == (1,)
+  a, sa = lhs.data.reshape(-1, lhs.data.shape[-1]), lhs.scale.reshape(-1, lhs.scale.shape[-1])
+  n = rhs.shape[0 if k_major else 1]
+  if xla.int8_pair(lhs, rhs, dimension_numbers):
+    from pallas_kernels.int8_matmul import int8_matmul
+    w = rhs.data if k_major else rhs.data.T  # the kernel reads K-major weights; (K, N) pays a transpose
+    y = int8_matmul(a, sa, w, rhs.scale.reshape(-1, 1), out_dtype=out_dtype,
+                    backend="triton" if impl == "pallas" else "interpret")
+  else:
+    from pallas_kernels.fp8_block_matmul import fp8_block_matmul
+    y = fp8_block_matmul(a, sa, rhs.data, rhs.scale, n=n, k_major=k_major, out_dtype=out_dtype,
+                         backend="jax_triton" if impl == "jax_triton" else "interpret")
+  return y.reshape(lhs.shape[:-1] + (n,))
 
 
 def _dims(dimension_numbers):

@@ -1,11 +1,14 @@
 """The seam between kernels and the backends that compile them.
 
-Every backend-specific call (Pallas with the Triton lowering today; jax_triton and Mosaic GPU later) goes through
-this module, so kernels are written once against `call` and dispatch picks a backend per format and shape.
+Every backend-specific call goes through this module, so kernels are written once against `call` (Pallas) or
+`triton_call` (Triton kernels through jax_triton) and dispatch picks a backend per format and shape.
 
 Backends:
   `triton`: Pallas lowered through Triton (NVIDIA GPUs).
-  `interpret`: the same kernel run by Pallas's interpreter on any device (tests on CPU).
+  `interpret`: the same Pallas kernel run by Pallas's interpreter on any device (tests on CPU).
+  `jax_triton`: a Triton kernel written in Triton's own language, launched by jax_triton (the optional
+    `lowbit-jax[triton]` extra). It reaches what Pallas's lowering does not expose: FP8 MMAs with Triton's
+    default accumulation (REFERENCE section 5). Its kernels have an XLA twin computing the same blocks for CPUs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "load", "on_gpu", "store", "tile_mask"]
+__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "jax_triton_available", "load", "on_gpu",
+           "store", "tile_mask", "triton_call"]
 
 BACKENDS = ("triton", "interpret")
 
@@ -57,6 +61,32 @@ def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs
     return f(*args, *map(_poison, outs))
 
   return poisoned
+
+
+@functools.cache
+def jax_triton_available() -> bool:
+  """Whether jax_triton and Triton import (the `lowbit-jax[triton]` extra)."""
+  try:
+    import jax_triton  # noqa: F401
+    import triton  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def triton_call(kernel, kernel_aliased, *args, out_shape: jax.ShapeDtypeStruct, grid: tuple[int, ...],
+                num_warps: int, num_stages: int, name: str, **constexprs):
+  """Launches the Triton kernel `kernel(*args, out, **constexprs)` through jax_triton; returns `out`.
+
+  With POISON set, runs `kernel_aliased(*args, poisoned, out, **constexprs)` instead, the output buffer starting
+  as poison and aliased to that extra input (jax_triton passes inputs, then outputs, as pointers).
+  """
+  import jax_triton
+  kw = dict(out_shape=out_shape, grid=grid, num_warps=num_warps, num_stages=num_stages, name=name, **constexprs)
+  if not POISON:
+    return jax_triton.triton_call(*args, kernel=kernel, **kw)
+  return jax_triton.triton_call(*args, _poison(out_shape), kernel=kernel_aliased,
+                                input_output_aliases={len(args): 0}, **kw)
 
 
 def _poison(out: jax.ShapeDtypeStruct) -> jax.Array:

@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 
 import lowbit_jax as lb
+import pallas_kernels.backend
 
 PAIRS = [("mxfp8_e4m3", "mxfp8_e4m3"), ("mxfp8_e5m2", "mxfp8_e4m3"), ("mxfp8_e4m3", "mxfp4"), ("mxint8", "mxint8"),
          ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4"), ("int8_channel_sym", "int8_channel_sym"),
          ("fp8_block_1x128", "fp8_block_128x128"), ("mxfp8_e4m3", "int4_g32_asym")]
 SHAPES = [(5, 96, 40), (33, 200, 17)]  # (M, K, N); K = 200 is ragged for every block size
 DN = (((1,), (0,)), ((), ()))
+# Block-FP8 pairs run the Triton kernel where jax_triton is installed on a GPU, else its XLA twin.
+FP8_KERNEL = ("jax_triton" if jax.default_backend() == "gpu" and pallas_kernels.backend.jax_triton_available()
+              else "interpret")
 
 
 def operands(m, k, n, seed=0):
@@ -43,7 +47,9 @@ def test_quantized_pairs_match_the_ocp_dot(fa, fw, shape):
   y = lb.dot_general(qa, qw, DN, preferred_element_type=jnp.float32)
   ref, mag = ocp_dot(qa, qw)
   assert y.shape == ref.shape and y.dtype == jnp.float32
-  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), shape[1] * 2.0 ** -23 * mag + 1e-30)
+  # the block-FP8 kernel's MMAs accumulate each 128-deep block in the tensor cores' format (see below)
+  tol = 2.0 ** -10 if fa.startswith("fp8_block") and FP8_KERNEL == "jax_triton" else shape[1] * 2.0 ** -23
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), tol * mag + 1e-30)
   assert lb.matmul(qa, qw).dtype == jnp.bfloat16  # lhs's logical dtype by default
 
 
@@ -128,5 +134,36 @@ def test_int8_kernel_matches_the_xla_path(k_major, shape):
 def test_pairs_without_a_kernel_refuse_a_forced_kernel():
   x, w = operands(4, 64, 8)
   qa, qw = quantized(x, w, "mxfp8_e4m3", "mxfp8_e4m3")
-  with pytest.raises(ValueError, match="int8 per-token x per-channel pairs only"):
+  with pytest.raises(ValueError, match="kernels for int8 per-token x per-channel and block-FP8"):
     lb.dot_general(qa, qw, DN, backend="interpret")
+  qa, qw = quantized(x, w, "fp8_block_1x128", "fp8_block_128x128")
+  with pytest.raises(ValueError, match="a 'jax_triton' kernel"):
+    lb.dot_general(qa, qw, DN, backend="pallas")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+      lb.dot_general(qa, qw, DN, backend="jax_triton")
+
+
+@pytest.mark.parametrize("k_major", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 200, 40), (1, 130, 384, 300)])
+def test_block_fp8_kernel_matches_the_ocp_dot(k_major, shape):
+  """Block FP8 (1x128 activations x 128x128 weights): every 128-deep block's partial product times its two
+  scales, summed in float32. On a GPU with jax_triton this is the Triton kernel, whose FP8 MMAs accumulate a
+  block in the tensor cores' own format (about 2^-13 relative per block, hence the looser bound); elsewhere it is
+  the kernel's XLA twin (float32 sums). Ragged M, N and K (tiles overhang all three), leading batch dimensions,
+  both weight layouts."""
+  b, m, k, n = shape
+  x, w = operands(b * m, k, n, seed=6)
+  qa = lb.quantize(x.reshape(b, m, k), "fp8_block_1x128", axis=-1)
+  qw, dn = ((lb.quantize(w.T, "fp8_block_128x128"), (((2,), (1,)), ((), ()))) if k_major
+            else (lb.quantize(w, "fp8_block_128x128"), (((2,), (0,)), ((), ()))))
+  y = lb.dot_general(qa, qw, dn, preferred_element_type=jnp.float32, backend=FP8_KERNEL)
+  a = np.asarray(lb.dequantize(qa, jnp.float32), np.float64).reshape(b * m, k)
+  wd = np.asarray(lb.dequantize(qw, jnp.float32), np.float64)
+  wd = wd.T if k_major else wd
+  ref, mag = a @ wd, np.abs(a) @ np.abs(wd)
+  tol = 2.0 ** -10 if FP8_KERNEL == "jax_triton" else k * 2.0 ** -23
+  assert y.shape == (b, m, n)
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64).reshape(b * m, n) - ref), tol * mag + 1e-30)
+  yb = lb.dot_general(qa, qw, dn, backend=FP8_KERNEL)  # bfloat16 out: the float32 result rounded once
+  np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(y.astype(jnp.bfloat16), np.float32))
