@@ -14,6 +14,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable
 
 import jax
@@ -67,8 +68,8 @@ def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs
 def jax_triton_available() -> bool:
   """Whether jax_triton and Triton import (the `lowbit-jax[triton]` extra)."""
   try:
-    import jax_triton  # noqa: F401
-    import triton  # noqa: F401
+    for module in ("jax_triton", "triton"):
+      importlib.import_module(module)
   except ImportError:
     return False
   return True
