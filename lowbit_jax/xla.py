@@ -7,6 +7,7 @@ exact products, float32 accumulation.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -19,6 +20,21 @@ __all__ = ["dot_general", "exact_in_bf16", "int8_pair"]
 def exact_in_bf16(q: QArray) -> bool:
   """MX values are a <= 8-bit significand times a power of two: bfloat16 holds them exactly (above 2^-126)."""
   return q.format.rule == "mx"
+
+
+def _blocks_exact_in_bf16(q: QArray) -> bool:
+  """Element times block scale, before any tensor scale, is exact in bfloat16: MX, and NVFP4-style formats with
+  elements of <= 4 significant bits (their product with an E4M3 scale, 4 bits, fits bfloat16's 8)."""
+  return exact_in_bf16(q) or (q.format.rule == "nvfp4" and q.format.element_type.mantissa <= 3)
+
+
+def _block_values(q: QArray, dtype) -> jax.Array:
+  """The dequantized values without the tensor scale (which the caller applies to the product)."""
+  if q.tensor_scale is None:
+    return dequantize(q, dtype)
+  children, aux = q.tree_flatten()
+  data, scale, _, zero = children
+  return dequantize(QArray.tree_unflatten(aux, (data, scale, jnp.ones((), jnp.float32), zero)), dtype)
 
 
 def int8_pair(lhs: QArray, rhs: QArray, dimension_numbers) -> bool:
@@ -37,7 +53,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   One quantized operand is dequantized to the other operand's dtype. Two quantized operands give the OCP dot in
   float32, cast to `preferred_element_type` (default: lhs's logical dtype): int8 per-token x per-channel pairs
   as an exact int32 dot scaled in float32; MX pairs dequantized to bfloat16 (exact) for XLA's bf16 GEMM with
-  float32 accumulation; other pairs dequantized to float32 (dot at HIGHEST precision).
+  float32 accumulation, and likewise NVFP4 pairs without their tensor scales, which then multiply the float32
+  result; other pairs dequantized to float32 (dot at HIGHEST precision).
   """
   kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
   if isinstance(lhs, QArray) and isinstance(rhs, QArray):
@@ -46,11 +63,14 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
       acc = lax.dot_general(lhs.data, rhs.data, dimension_numbers, preferred_element_type=jnp.int32, **kwargs)
       sw = rhs.scale.astype(jnp.float32).reshape(-1)  # (1, N) or (N, 1): one scale per output column
       return (acc.astype(jnp.float32) * lhs.scale.astype(jnp.float32) * sw).astype(out)
-    exact = exact_in_bf16(lhs) and exact_in_bf16(rhs)
-    dt = jnp.bfloat16 if exact else jnp.float32
-    y = lax.dot_general(dequantize(lhs, dt), dequantize(rhs, dt), dimension_numbers,
-                        precision=None if exact else lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
-                        **kwargs)
+    if _blocks_exact_in_bf16(lhs) and _blocks_exact_in_bf16(rhs):
+      y = lax.dot_general(_block_values(lhs, jnp.bfloat16), _block_values(rhs, jnp.bfloat16), dimension_numbers,
+                          preferred_element_type=jnp.float32, **kwargs)
+      for q in (lhs, rhs):  # NVFP4's tensor scales multiply the float32 sum, one at a time
+        y = y if q.tensor_scale is None else y * q.tensor_scale
+      return y.astype(out)
+    y = lax.dot_general(dequantize(lhs, jnp.float32), dequantize(rhs, jnp.float32), dimension_numbers,
+                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32, **kwargs)
     return y.astype(out)
   if isinstance(rhs, QArray):
     rhs = dequantize(rhs, lhs.dtype)

@@ -13,7 +13,7 @@ import pallas_kernels.backend
 
 PAIRS = [("mxfp8_e4m3", "mxfp8_e4m3"), ("mxfp8_e5m2", "mxfp8_e4m3"), ("mxfp8_e4m3", "mxfp4"), ("mxint8", "mxint8"),
          ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4"), ("int8_channel_sym", "int8_channel_sym"),
-         ("fp8_block_1x128", "fp8_block_128x128"), ("mxfp8_e4m3", "int4_g32_asym")]
+         ("fp8_block_1x128", "fp8_block_128x128"), ("mxfp8_e4m3", "int4_g32_asym"), ("nvfp4", "mxfp4")]
 SHAPES = [(5, 96, 40), (33, 200, 17)]  # (M, K, N); K = 200 is ragged for every block size
 DN = (((1,), (0,)), ((), ()))
 # Block-FP8 pairs run the Triton kernel where jax_triton is installed on a GPU, else its XLA twin.
