@@ -84,8 +84,7 @@ def main() -> None:
     t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
     t_sdg = None
     for name in args.formats.split(","):
-      qws = _weight_sets(len(xs), lambda key, name=name: lb.quantize(
-          (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16), name, axis=0))
+      qws = [lb.quantize(w, name, axis=0) for w in bf16_ws]
       nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
       floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)
       if sweep:
@@ -117,9 +116,9 @@ def main() -> None:
 def pairs(args) -> None:
   """Both operands quantized (A8W8, A8W4, ...): time per call and speed-up over XLA bf16 from the same run.
 
-  Rows: weights (K, N) as the weight-only benchmark stores them and, for int8, K-major (N, K) weights (the int8
-  MMA reads K-major; (K, N) int8 weights pay a transpose per call). "dispatch" is `lb.dot_general`'s choice
-  (the Pallas int8 kernel for int8 pairs on a GPU), "XLA" forces the XLA path, "act_format" quantizes the bf16
+  Rows: weights (K, N) as the weight-only benchmark stores them and, for int8 and block FP8, K-major (N, K)
+  weights (their MMAs read K-major; (K, N) weights pay a transpose per call). "dispatch" is `lb.dot_general`'s
+  choice (the int8 and block-FP8 kernels on a GPU), "XLA" forces the XLA path, "act_format" quantizes the bf16
   activation inside the call."""
   print(header())
   print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
@@ -139,8 +138,8 @@ def pairs(args) -> None:
       fa, fw = pair.split(":")
       qxs = [lb.quantize(x, fa, axis=1) for x in xs]
       layouts = [("(K, N)", 0)] + ([("(N, K)", 1)] if fw in ("int8_channel_sym", "fp8_block_128x128") else [])
+      two_d = len(lb.get_format(fw).block or ()) == 2
       for label, rc in layouts:
-        two_d = len(lb.get_format(fw).block or ()) == 2
         qws = [lb.quantize(w if rc == 0 else w.T, fw, axis=1 if two_d or rc == 1 else 0) for w in bf16_ws]
         dn = (((1,), (rc,)), ((), ()))
         t = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn), qxs, qws)

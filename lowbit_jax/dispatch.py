@@ -52,13 +52,11 @@ def _warn_once(reason: str) -> None:
 
 def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers) -> tuple[str | None, str | None]:
   """(the backend of the kernel for these two quantized operands, None if none takes them; why not)."""
-  from lowbit_jax.xla import int8_pair
+  from lowbit_jax.xla import int8_pair, matrix_pair
   from pallas_kernels.fp8_block_matmul import supports
   if int8_pair(lhs, rhs, dimension_numbers):
     return "pallas", None
-  (lc, rc), (lb, rb) = dimension_numbers
-  layout_ok = not lb and not rb and rhs.ndim == 2 and tuple(rc) in ((0,), (1,)) and tuple(lc) == (lhs.ndim - 1,)
-  if layout_ok and supports(lhs.format, rhs.format) is None:
+  if matrix_pair(lhs, rhs, dimension_numbers) and supports(lhs.format, rhs.format) is None:
     return "jax_triton", None
   return None, ("quantized activations have kernels for int8 per-token x per-channel and block-FP8 "
                 f"(1x128 x 128x128) pairs (got {lhs.format.name} x {rhs.format.name}; XLA dots the dequantized "

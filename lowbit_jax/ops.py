@@ -119,8 +119,7 @@ def _pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, impl: str, out_dty
                     backend="triton" if impl == "pallas" else "interpret")
   else:
     from pallas_kernels.fp8_block_matmul import fp8_block_matmul
-    y = fp8_block_matmul(a, sa, rhs.data, rhs.scale, n=n, k_major=k_major, out_dtype=out_dtype,
-                         backend="jax_triton" if impl == "jax_triton" else "interpret")
+    y = fp8_block_matmul(a, sa, rhs.data, rhs.scale, n=n, k_major=k_major, out_dtype=out_dtype, backend=impl)
   return y.reshape(lhs.shape[:-1] + (n,))
 
 

@@ -14,7 +14,7 @@ from jax import lax
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize
 
-__all__ = ["dot_general", "exact_in_bf16", "int8_pair"]
+__all__ = ["dot_general", "exact_in_bf16", "int8_pair", "matrix_pair"]
 
 
 def exact_in_bf16(q: QArray) -> bool:
@@ -37,14 +37,18 @@ def _block_values(q: QArray, dtype) -> jax.Array:
   return dequantize(QArray.tree_unflatten(aux, (data, scale, jnp.ones((), jnp.float32), zero)), dtype)
 
 
+def matrix_pair(lhs, rhs, dimension_numbers) -> bool:
+  """Whether the call is lhs (..., K) times a 2-D rhs, (K, N) or K-major (N, K): the layout the pair kernels take."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  return not lb and not rb and rhs.ndim == 2 and tuple(rc) in ((0,), (1,)) and tuple(lc) == (lhs.ndim - 1,)
+
+
 def int8_pair(lhs: QArray, rhs: QArray, dimension_numbers) -> bool:
   """Whether lhs (..., K) and rhs (K, N) or (N, K) (K-major) are symmetric int8 with one scale per row of lhs and
   per output channel of rhs (per-token x per-channel, A8W8): their product is an int32 dot scaled once per
   output."""
-  (lc, rc), (lb, rb) = dimension_numbers
-  return (not lb and not rb and rhs.ndim == 2 and tuple(rc) in ((0,), (1,)) and tuple(lc) == (lhs.ndim - 1,)
-          and all(q.format.element == "int8" and q.format.rule == "absmax" and q.format.block is None
-                  for q in (lhs, rhs)))
+  return matrix_pair(lhs, rhs, dimension_numbers) and all(
+      q.format.element == "int8" and q.format.rule == "absmax" and q.format.block is None for q in (lhs, rhs))
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):

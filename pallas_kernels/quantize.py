@@ -100,6 +100,14 @@ def _row_mask(block_rows: int, rows: int, shape):
   return jnp.broadcast_to(ok, shape)
 
 
+def _with_tensor_scale(fmt: Format, tensor_scale, args: list, in_specs: list) -> tuple[list, list]:
+  """The kernel operands plus, for NVFP4-rule formats, the float32 tensor scale g as a (1,) operand (1 if None)."""
+  if fmt.rule != "nvfp4":
+    return args, in_specs
+  g = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
+  return args + [g.reshape(1)], in_specs + [pl.BlockSpec((1,), lambda i, j: (0,))]
+
+
 def _f32(bits):
   return lax.bitcast_convert_type(bits, jnp.float32)
 
@@ -257,13 +265,9 @@ def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | Non
     ct, block_rows = cols, max(1, min(block_rows, 8192 // cols))
   else:
     ct = _col_tile(cols, block_cols)
-  args, in_specs = [x], [pl.BlockSpec((block_rows, ct), lambda i, j: (i, j))]
-  if fmt.rule == "nvfp4":
-    if fmt.tensor_scale and tensor_scale is None:
-      raise ValueError(f"{fmt.name} needs its tensor scale g (lowbit_jax.scales.nvfp4_tensor_scale computes it).")
-    g = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
-    args.append(g.reshape(1))
-    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+  if fmt.tensor_scale and tensor_scale is None:
+    raise ValueError(f"{fmt.name} needs its tensor scale g (lowbit_jax.scales.nvfp4_tensor_scale computes it).")
+  args, in_specs = _with_tensor_scale(fmt, tensor_scale, [x], [pl.BlockSpec((block_rows, ct), lambda i, j: (i, j))])
   # 4-bit data leaves the kernel as 32-bit words of 8 codes: (R, C / 8) uint32.
   per_word, data_dtype = (8, jnp.uint32) if el.bits == 4 else (1, jnp.int8 if el.kind == "int" else jnp.uint8)
   kernel = functools.partial(_quantize_kernel, fmt=fmt, mode=scale_mode, rows=rows, backend=backend)
@@ -328,13 +332,10 @@ def dequantize_rows(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
   if data.shape != (rows, cols // per_byte):
     raise ValueError(f"data has shape {data.shape}; scale {scale.shape} needs {(rows, cols // per_byte)}.")
   ct = _col_tile(cols, block_cols)
-  args = [lax.bitcast_convert_type(data, jnp.uint8), lax.bitcast_convert_type(scale, jnp.uint8)]
-  in_specs = [pl.BlockSpec((block_rows, ct // per_byte), lambda i, j: (i, j)),
-              pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))]
-  if fmt.rule == "nvfp4":
-    g = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
-    args.append(g.reshape(1))
-    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+  args, in_specs = _with_tensor_scale(
+      fmt, tensor_scale, [lax.bitcast_convert_type(data, jnp.uint8), lax.bitcast_convert_type(scale, jnp.uint8)],
+      [pl.BlockSpec((block_rows, ct // per_byte), lambda i, j: (i, j)),
+       pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))])
   kernel = functools.partial(_dequantize_kernel, fmt=fmt, rows=rows, backend=backend)
   return _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((rows, cols), dtype),
