@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -179,6 +180,28 @@ def _dequantize_fused(q: QArray, dtype) -> jax.Array:
   return y.reshape(q.shape)
 
 
+def _fused_cols(q: QArray, dtype) -> bool:
+  """Whether `pallas_kernels.quantize.dequantize_cols` takes q (blocked along a non-last axis) on this device."""
+  if q.size == 0 or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+    return False
+  from pallas_kernels.backend import on_gpu
+  from pallas_kernels.quantize import supports_cols
+  return on_gpu(q.data) and supports_cols(q.format) is None
+
+
+def _dequantize_cols_fused(q: QArray, dtype) -> jax.Array:
+  """Leading axes fold into the block axis (blocks never straddle them: the axis holds whole blocks), trailing
+  axes into the columns."""
+  from pallas_kernels.quantize import dequantize_cols
+  ax = q.axis
+
+  def two_d(a):
+    return None if a is None or a.ndim == 0 else a.reshape(-1, math.prod(a.shape[ax + 1:]))
+
+  y = dequantize_cols(two_d(q.data), two_d(q.scale), q.format, dtype, q.tensor_scale, two_d(q.zero_point))
+  return y.reshape(q.shape)
+
+
 _quantize_jit = jax.jit(_quantize, static_argnames=("fmt", "axes", "scale_mode", "rounding", "calibrate"))
 _dequantize_jit = jax.jit(_dequantize, static_argnames=("dtype",))
 _tensor_scale_jit = jax.jit(lambda x, el: scales.nvfp4_tensor_scale(x.astype(jnp.float32), el),
@@ -305,8 +328,13 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   dtype = q.dtype if dtype is None else np.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}.")
-  whole = q.data.shape[-1] * 8 // q.format.element_type.bits == q.shape[-1]  # no padding along the last axis
-  # The fused dequantize kernel covers MX and NVFP4 (absmax formats dequantize in one XLA fusion near copy speed).
+  ax = q.axis
+  whole = q.data.shape[ax] * 8 // q.format.element_type.bits == q.shape[ax]  # no padding along the block axis
+  # Blocks along the last axis: the fused kernel covers MX and NVFP4 (absmax formats dequantize in one XLA fusion
+  # near copy speed). Along an earlier axis (weights blocked along K): XLA's fusion runs at 0.1-0.4 of copy
+  # bandwidth there (BENCHMARKS.md), so every format the column kernel takes goes to it.
   if whole and q.format.rule in ("mx", "nvfp4") and _fused(q.data, q.format, q.shape, q.axis, dtype):
     return _dequantize_fused(q, dtype)
+  if whole and ax < q.ndim - 1 and _fused_cols(q, dtype):
+    return _dequantize_cols_fused(q, dtype)
   return _dequantize_jit(q, dtype)

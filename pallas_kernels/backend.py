@@ -164,13 +164,13 @@ def tile_mask(row_ok, col_ok, shape):
       True if col_ok is None else col_ok, shape)
 
 
-def store(ref, value, mask=None, *, backend: str):
-  """ref[...] = value where `mask` is True (everywhere if None)."""
+def store(ref, value, mask=None, *, backend: str, idx=...):
+  """ref[idx] = value where `mask` is True (everywhere if None)."""
   if mask is None or backend == "interpret":
-    ref[...] = value
+    ref[idx] = value
     return
   from jax.experimental.pallas import triton as pltriton
-  pltriton.store(ref.at[...], value, mask=mask)
+  pltriton.store(ref.at[idx], value, mask=mask)
 
 
 @functools.cache

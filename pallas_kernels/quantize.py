@@ -38,7 +38,7 @@ from lowbit_jax import elements, scales
 from lowbit_jax.formats import SCALE_GRIDS, ElementType, Format, get_format
 from pallas_kernels import backend as _backend
 
-__all__ = ["quantize_rows", "dequantize_rows", "supports"]
+__all__ = ["quantize_rows", "dequantize_rows", "dequantize_cols", "supports", "supports_cols"]
 
 _E4M3 = SCALE_GRIDS["float8_e4m3fn"]
 # Scales leave the kernels as bits of their storage width, bitcast outside.
@@ -287,6 +287,42 @@ def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | Non
   return data, lax.bitcast_convert_type(scale, jnp.dtype(fmt.scale))
 
 
+def _values(c, fmt: Format):
+  """float32 element values of codes `c`: int32 nibbles of 4-bit elements, else the stored bytes (uint8). In
+  grid units, except MXINT8's fixed point (scaled by 2^-6), as `lowbit_jax.dequantize` computes them."""
+  el = fmt.element_type
+  if el.bits == 4:
+    if el.kind == "float":
+      # The sign goes in as a bit: Triton lowers -v as 0 - v, which loses the sign of zero.
+      return _f32(_i32(elements.decode(c & 7, el)) | ((c >> 3) << 31))
+    return (c if fmt.zero_point else (c ^ 8) - 8).astype(jnp.float32)
+  if el.kind == "float":
+    return lax.bitcast_convert_type(c, el.storage_dtype).astype(jnp.float32)
+  v = (c if fmt.zero_point else lax.bitcast_convert_type(c, jnp.int8)).astype(jnp.float32)
+  return elements.ldexp_fast(v, -el.mantissa) if fmt.rule == "mx" else v
+
+
+def _scaled(v, s, fmt: Format, g=None, z=None):
+  """Values `v` times their block scales `s` (broadcastable against v; bits as int32 for float8 scales, else float32)
+  by the rule of `fmt`, in `lowbit_jax.dequantize`'s order of operations: MX v * 2^e (NaN where the scale is 0xFF),
+  NVFP4 (v * s) * g (E4M3 0x7F / 0xFF is NaN), integers s * (v - z) with zero points `z`, else v * s."""
+  if fmt.rule == "mx":
+    return jnp.where(s == 255, jnp.nan, elements.ldexp_fast(v, s - 127))
+  if fmt.rule == "nvfp4":
+    sf = jnp.where((s & 0x7F) == 0x7F, jnp.nan, elements.decode(s & 0x7F, _E4M3))
+    return (v * sf) * g
+  return s * (v - z) if z is not None else v * s
+
+
+def _scale_operand(scale: jax.Array) -> jax.Array:
+  """Float8 scales travel as uint8 bits (masked float8 loads with a fill value did not lower on Triton)."""
+  return lax.bitcast_convert_type(scale, jnp.uint8) if scale.dtype.itemsize == 1 else scale
+
+
+def _scale_tile(sbits):
+  return sbits.astype(jnp.int32) if sbits.dtype == jnp.uint8 else sbits.astype(jnp.float32)
+
+
 def _dequantize_kernel(*refs, fmt: Format, rows: int, backend: str):
   d_ref, s_ref, *g_ref, o_ref = refs
   el, block = fmt.element_type, fmt.block[0]
@@ -296,21 +332,10 @@ def _dequantize_kernel(*refs, fmt: Format, rows: int, backend: str):
   sbits = _backend.load(s_ref, (slice(None), slice(None)), _row_mask(br, rows, s_ref.shape), 0, backend=backend)
   if el.bits == 4:
     d = d.astype(jnp.int32)
-    c = jnp.stack([d & 0xF, d >> 4], axis=-1).reshape(br, ct)
-    # The sign goes in as a bit: Triton lowers -v as 0 - v, which loses the sign of zero.
-    v = _f32(_i32(elements.decode(c & 7, el)) | ((c >> 3) << 31))
-  elif el.kind == "float":
-    v = lax.bitcast_convert_type(d, el.storage_dtype).astype(jnp.float32)
-  else:  # MXINT8 codes are fixed point 1.6
-    v = elements.ldexp_fast(lax.bitcast_convert_type(d, jnp.int8).astype(jnp.float32), -el.mantissa)
-  v = v.reshape(br, nb, block)
-  s = sbits.astype(jnp.int32).reshape(br, nb, 1)
-  if fmt.rule == "mx":
-    out = jnp.where(s == 255, jnp.nan, elements.ldexp_fast(v, s - 127))
-  else:  # (q * s) * g, as lowbit_jax.dequantize; E4M3 0x7F / 0xFF is NaN
-    sf = jnp.where((s & 0x7F) == 0x7F, jnp.nan, elements.decode(s & 0x7F, _E4M3))
-    out = (v * sf) * g_ref[0][...].reshape(1, 1, 1)
-  out = out.reshape(br, ct).astype(o_ref.dtype)
+    d = jnp.stack([d & 0xF, d >> 4], axis=-1).reshape(br, ct)
+  v = _values(d, fmt).reshape(br, nb, block)
+  g = g_ref[0][...].reshape(1, 1, 1) if g_ref else None
+  out = _scaled(v, _scale_tile(sbits).reshape(br, nb, 1), fmt, g).reshape(br, ct).astype(o_ref.dtype)
   _backend.store(o_ref, out, _row_mask(br, rows, out.shape), backend=backend)
 
 
@@ -333,7 +358,7 @@ def dequantize_rows(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
     raise ValueError(f"data has shape {data.shape}; scale {scale.shape} needs {(rows, cols // per_byte)}.")
   ct = _col_tile(cols, block_cols)
   args, in_specs = _with_tensor_scale(
-      fmt, tensor_scale, [lax.bitcast_convert_type(data, jnp.uint8), lax.bitcast_convert_type(scale, jnp.uint8)],
+      fmt, tensor_scale, [lax.bitcast_convert_type(data, jnp.uint8), _scale_operand(scale)],
       [pl.BlockSpec((block_rows, ct // per_byte), lambda i, j: (i, j)),
        pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))])
   kernel = functools.partial(_dequantize_kernel, fmt=fmt, rows=rows, backend=backend)
@@ -342,3 +367,91 @@ def dequantize_rows(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
       grid=(pl.cdiv(rows, block_rows), cols // ct), in_specs=in_specs,
       out_specs=pl.BlockSpec((block_rows, ct), lambda i, j: (i, j)),
       num_warps=num_warps, num_stages=1, name=f"dequantize_rows_{fmt.name}")(*args)
+
+
+def supports_cols(fmt: Format) -> str | None:
+  """None if `dequantize_cols` takes `fmt`, else the reason it does not."""
+  if fmt.block is None or len(fmt.block) != 1:
+    return f"{fmt.name}: {'per-channel scales' if fmt.block is None else '2-D blocks'}"
+  if fmt.element_type.bits not in (4, 8):
+    return f"{fmt.name}: {fmt.element_type.bits}-bit elements"
+  if fmt.block[0] & (fmt.block[0] - 1) or fmt.block[0] < 2:
+    return f"{fmt.name}: blocks of {fmt.block[0]} (not a power of two)"
+  return None
+
+
+def _dequantize_cols_kernel(*refs, fmt: Format, rows: int, cols: int, backend: str):
+  d_ref, s_ref, *rest = refs
+  o_ref = rest[-1]
+  z_ref = rest[0] if fmt.zero_point else None
+  g = rest[-2][...].reshape(1, 1, 1) if fmt.rule == "nvfp4" else None
+  p = 8 // fmt.element_type.bits  # codes per byte, down the column
+  tp, ct = d_ref.shape
+  nb = s_ref.shape[0]
+  col_ok = None if cols % ct == 0 else pl.program_id(1) * ct + lax.broadcasted_iota(jnp.int32, (1, ct), 1) < cols
+
+  def mask(total_rows, shape):
+    row_ok = None if total_rows % shape[0] == 0 else (
+        pl.program_id(0) * shape[0] + lax.broadcasted_iota(jnp.int32, (shape[0], 1), 0) < total_rows)
+    return _backend.tile_mask(row_ok, col_ok, shape)
+
+  def ld(ref, total_rows):
+    return _backend.load(ref, (slice(None), slice(None)), mask(total_rows, ref.shape), 0, backend=backend)
+
+  d = ld(d_ref, rows // p)
+  s = _scale_tile(ld(s_ref, rows // fmt.block[0])).reshape(nb, 1, ct)
+  z = None if z_ref is None else ld(z_ref, rows // fmt.block[0]).astype(jnp.float32).reshape(nb, 1, ct)
+  planes = [d] if p == 1 else [d.astype(jnp.int32) & 0xF, d.astype(jnp.int32) >> 4]
+  for j, c in enumerate(planes):  # plane j holds rows k = p * r + j of the output tile
+    out = _scaled(_values(c, fmt).reshape(nb, tp // nb, ct), s, fmt, g, z).reshape(tp, ct).astype(o_ref.dtype)
+    _backend.store(o_ref, out, mask(rows // p, out.shape), backend=backend,
+                   idx=... if p == 1 else (slice(None), j, slice(None)))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "dtype", "backend", "block_rows", "block_cols", "num_warps"))
+def dequantize_cols(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=jnp.bfloat16,
+                    tensor_scale: jax.Array | None = None, zero_point: jax.Array | None = None, *,
+                    backend: str = "triton", block_rows: int = 32, block_cols: int = 256,
+                    num_warps: int | None = None) -> jax.Array:
+  """The (R, C) array of `dtype` that a QArray blocked along axis 0 stands for: a (K, N) weight quantized along K.
+
+  `data` is (R / P, C) with P codes per byte down each column (4-bit: row 2i in the low nibble of byte row i, 2i + 1
+  in the high one), `scale` (R / B, C) for blocks of B rows (`zero_point` likewise for asymmetric integers; NVFP4
+  rule: `tensor_scale` g). Formats: 4- and 8-bit elements with power-of-two 1-D blocks (MX, NVFP4, grouped
+  integers, block FP8 1 x 128). Computes in float32 as `lowbit_jax.dequantize` does and casts to `dtype`: the same
+  bits, outside the subnormal limit in the module docstring. One program writes a (block_rows, block_cols) tile;
+  4-bit codes are decoded as two planes of rows, each stored to its own rows (no interleave in registers). The
+  default tiles, 32 (or one block) x 256 with 4 warps per 8192 elements, were the fastest of eight shapes swept on an
+  H100 (BENCHMARKS.md).
+  """
+  fmt = get_format(fmt)
+  reason = supports_cols(fmt)
+  if reason:
+    raise ValueError(f"dequantize_cols does not support {reason}.")
+  block, p = fmt.block[0], 8 // fmt.element_type.bits
+  rows, cols = scale.shape[0] * block, scale.shape[1]
+  if data.shape != (rows // p, cols):
+    raise ValueError(f"data has shape {data.shape}; scale {scale.shape} needs {(rows // p, cols)}.")
+  if fmt.tensor_scale and tensor_scale is None:
+    raise ValueError(f"{fmt.name} needs its tensor scale g.")
+  if fmt.zero_point != (zero_point is not None):
+    raise ValueError(f"{fmt.name} {'needs' if fmt.zero_point else 'has no'} zero points.")
+  tr = max(block_rows, block)
+  ct = min(block_cols, pl.next_power_of_2(cols))
+  num_warps = num_warps or max(4, tr * ct // 4096)
+  operands = [lax.bitcast_convert_type(data, jnp.uint8), _scale_operand(scale)]
+  in_specs = [pl.BlockSpec((tr // p, ct), lambda i, j: (i, j)), pl.BlockSpec((tr // block, ct), lambda i, j: (i, j))]
+  if zero_point is not None:
+    operands.append(zero_point)
+    in_specs.append(in_specs[-1])
+  operands, in_specs = _with_tensor_scale(fmt, tensor_scale, operands, in_specs)
+  if p == 1:
+    out_shape, out_spec = (rows, cols), pl.BlockSpec((tr, ct), lambda i, j: (i, j))
+  else:  # (R / 2, 2, C) is (R, C) in memory: [r, j] is row 2r + j
+    out_shape, out_spec = (rows // 2, 2, cols), pl.BlockSpec((tr // 2, 2, ct), lambda i, j: (i, 0, j))
+  kernel = functools.partial(_dequantize_cols_kernel, fmt=fmt, rows=rows, cols=cols, backend=backend)
+  out = _backend.call(
+      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
+      grid=(pl.cdiv(rows, tr), pl.cdiv(cols, ct)), in_specs=in_specs, out_specs=out_spec,
+      num_warps=num_warps, num_stages=1, name=f"dequantize_cols_{fmt.name}")(*operands)
+  return out.reshape(rows, cols)

@@ -168,3 +168,32 @@ def test_absmax_row_length_limits():
     qk.quantize_rows(jnp.ones((4, 96)), "int8_channel_sym", backend=BACKEND)
   with pytest.raises(ValueError, match="absmax formats other than"):
     qk.quantize_rows(jnp.ones((4, 128)), "int4_channel_sym", backend=BACKEND)
+
+
+@pytest.mark.parametrize("fmt,dtype", [
+    ("mxfp8_e4m3", jnp.bfloat16), ("mxfp8_e5m2", jnp.float32), ("mxfp4", jnp.bfloat16), ("mxint8", jnp.float16),
+    ("nvfp4", jnp.bfloat16), ("int4_g32_asym", jnp.bfloat16), ("int4_g128_sym", jnp.float32),
+    ("int8_g64_sym", jnp.bfloat16), ("int8_g32_asym", jnp.float32), ("fp8_block_1x128", jnp.bfloat16)])
+def test_dequantize_cols_matches_xla(fmt, dtype):
+  """Weights blocked along axis 0 (K): the column kernel reads the stored bits as `lb.dequantize` does, on tiles
+  that overhang both axes (K = 384 in tiles of 256 rows, 20 columns in tiles of 8), with the special blocks of
+  `_inputs` (ties, NaN, Inf, zero and -0.0 blocks) running down the columns."""
+  x = jnp.asarray(np.array(_inputs(jnp.float32, rows=20, cols=384, seed=6)).T)
+  ref = lb.quantize(x, fmt, axis=0)
+  out = qk.dequantize_cols(ref.data, ref.scale, fmt, dtype, ref.tensor_scale, ref.zero_point, backend=BACKEND,
+                           block_rows=256, block_cols=8)
+  expected = lb.dequantize(ref, dtype)
+  assert out.dtype == expected.dtype and out.shape == expected.shape == x.shape
+  np.testing.assert_array_equal(_bits(out), _bits(expected))
+
+
+def test_dequantize_cols_rejects():
+  q = lb.quantize(jnp.ones((64, 8)), "mxfp4", axis=0)
+  with pytest.raises(ValueError, match="6-bit"):
+    qk.dequantize_cols(q.data, q.scale, "mxfp6_e2m3", backend=BACKEND)
+  with pytest.raises(ValueError, match="per-channel"):
+    qk.dequantize_cols(q.data, q.scale, "int4_channel_sym", backend=BACKEND)
+  with pytest.raises(ValueError, match="needs"):
+    qk.dequantize_cols(q.data[:8], q.scale, "mxfp4", backend=BACKEND)
+  with pytest.raises(ValueError, match="zero points"):
+    qk.dequantize_cols(q.data, q.scale.astype(jnp.bfloat16), "int4_g32_asym", backend=BACKEND)
