@@ -22,9 +22,10 @@ __all__ = ["BACKENDS", "choose", "pair_kernel", "weight_only_reason"]
 BACKENDS = ("auto", "pallas", "jax_triton", "xla", "interpret")
 _warned: set[str] = set()
 
-# Above this many activation rows XLA's dequantize-then-dot (weights materialised once in bf16, then cuBLAS) beats
-# a fused kernel on Hopper: measured in BENCHMARKS.md (weight-only matmul).
-XLA_FROM_M = 512
+# From this many activation rows on, dequantize-then-dot (the weight dequantized once by the column kernel of
+# pallas_kernels/quantize.py, then XLA's bf16 GEMM) beats the fused kernel on Hopper: measured in BENCHMARKS.md
+# (weight-only matmul; at M = 64 the kernel is faster, at M = 128 the dequantize-then-dot is for all but NVFP4).
+XLA_FROM_M = 128
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
