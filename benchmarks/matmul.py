@@ -2,7 +2,8 @@
 
 For each (N, K) weight shape, activation rows M and weight format: the Pallas kernel's time, TFLOP/s, GB/s and
 fraction of the roofline floor (REFERENCE section 4, bandwidth from a device copy timed in this run), and speed-ups
-over XLA bf16 `jnp.dot`, XLA dequantize-then-dot and (mxfp8) `jax.nn.scaled_dot_general`.
+over XLA bf16 `jnp.dot`, XLA dequantize-then-dot and (mxfp8) `jax.nn.scaled_dot_general`; last, what `lb.matmul`
+runs by default (the kernel below `lowbit_jax.dispatch.xla_from_m` rows, dequantize-then-dot from there) over bf16.
 
 Usage:
   python benchmarks/matmul.py [--shapes 8192x8192,28672x8192] [--ms 1,16,64] [--formats mxfp4,int4_g128_sym]
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 import lowbit_jax as lb
 from benchmarks.common import BF16_PEAK, copy_bandwidth, header, time_calls
+from lowbit_jax.dispatch import xla_from_m
 from pallas_kernels import Config, dequant_matmul
 
 DEFAULT_FORMATS = ("mxfp4,nvfp4,int4_g128_sym,int4_g128_asym,int4_g32_sym,mxfp6_e2m3,mxfp6_e3m2,mxfp8_e4m3,"
@@ -60,7 +62,7 @@ def _config(text: str) -> Config:
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672")
-  p.add_argument("--ms", default="1,16,64,256,2048,8192")
+  p.add_argument("--ms", default="1,16,64,128,256,2048,8192")
   p.add_argument("--formats", default=DEFAULT_FORMATS)
   p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages[:split_k],... to time kernel configs")
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
@@ -78,8 +80,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
   else:
     print("| format | M | N | K | kernel us | TFLOP/s | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
-          "vs scaled_dot_general |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "vs scaled_dot_general | lb.matmul vs bf16 dot |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
     t_sdg = None
@@ -107,9 +109,10 @@ def main() -> None:
           except Exception as e:  # not lowered on every platform (e.g. CPU)
             t_sdg = f"n/a ({type(e).__name__})"
         sdg = f"{t_sdg / t_k:.2f}x" if isinstance(t_sdg, float) else t_sdg
+      t_d = t_x if m >= xla_from_m(lb.get_format(name)) else t_k  # what lb.matmul's dispatch runs on a GPU
       print(f"| {name} | {m} | {n} | {k} | {t_k * 1e6:.1f} | {2 * m * n * k / t_k / 1e12:.1f} | "
-            f"{nbytes / t_k / 1e9:.0f} | {floor / t_k:.2f} | {t_bf16 / t_k:.2f}x | {t_x / t_k:.2f}x | {sdg} |",
-            flush=True)
+            f"{nbytes / t_k / 1e9:.0f} | {floor / t_k:.2f} | {t_bf16 / t_k:.2f}x | {t_x / t_k:.2f}x | {sdg} | "
+            f"{t_bf16 / t_d:.2f}x |", flush=True)
       del qws
 
 

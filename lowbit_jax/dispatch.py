@@ -17,15 +17,17 @@ import jax.numpy as jnp
 
 from lowbit_jax.qarray import QArray
 
-__all__ = ["BACKENDS", "choose", "pair_kernel", "weight_only_reason"]
+__all__ = ["BACKENDS", "choose", "pair_kernel", "weight_only_reason", "xla_from_m"]
 
 BACKENDS = ("auto", "pallas", "jax_triton", "xla", "interpret")
 _warned: set[str] = set()
 
-# From this many activation rows on, dequantize-then-dot (the weight dequantized once by the column kernel of
-# pallas_kernels/quantize.py, then XLA's bf16 GEMM) beats the fused kernel on Hopper: measured in BENCHMARKS.md
-# (weight-only matmul; at M = 64 the kernel is faster, at M = 128 the dequantize-then-dot is for all but NVFP4).
+# From this many activation rows on, dequantize-then-dot (the weight dequantized once, then XLA's bf16 GEMM) beats
+# the fused kernel on Hopper (BENCHMARKS.md, weight-only matmul): from M = 128 for the formats the column
+# dequantize kernel of pallas_kernels/quantize.py takes (at M = 64 the fused kernel is faster), from M = 512 for
+# the others (MXFP6, per-channel), whose dequantization is an XLA fusion at a fraction of copy bandwidth.
 XLA_FROM_M = 128
+XLA_FROM_M_SLOW_DEQUANT = 512
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
@@ -104,4 +106,10 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
     return kernel
   if isinstance(lhs, QArray):
     return "pallas" if m >= INT8_KERNEL_FROM_M else "xla"
-  return "xla" if m >= XLA_FROM_M else "pallas"
+  return "xla" if m >= xla_from_m(rhs.format) else "pallas"
+
+
+def xla_from_m(fmt) -> int:
+  """Activation rows from which a weight-only matmul with weights in `fmt` runs dequantize-then-dot on a GPU."""
+  from pallas_kernels.quantize import supports_cols
+  return XLA_FROM_M if supports_cols(fmt) is None else XLA_FROM_M_SLOW_DEQUANT

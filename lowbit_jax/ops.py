@@ -85,13 +85,14 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   if not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   m = math.prod(lhs.shape[:-1])
-  if (isinstance(lhs, QArray) and isinstance(rhs, QArray) and xla.exact_in_bf16(lhs) and xla.exact_in_bf16(rhs)
-      and m < dispatch.XLA_FROM_M and backend in (None, "auto")):
-    # Few rows of MX activations: dequantize them (exact in bfloat16) and stream the MX weights through the
-    # weight-only path instead of materialising the whole dequantized weight. Same OCP dot: exact products,
-    # float32 accumulation.
-    y = dot_general(dequantize(lhs, jnp.bfloat16), rhs, dimension_numbers, precision, jnp.float32, out_sharding)
-    return y.astype(preferred_element_type or lhs.dtype)
+  if (isinstance(lhs, QArray) and isinstance(rhs, QArray) and xla.blocks_exact_in_bf16(lhs)
+      and xla.blocks_exact_in_bf16(rhs) and m < dispatch.xla_from_m(rhs.format) and backend in (None, "auto")):
+    # Few rows of MX / NVFP4 activations: dequantize their block values (exact in bfloat16) and stream the weights
+    # through the weight-only path instead of materialising the whole dequantized weight; NVFP4 tensor scales
+    # multiply the float32 result. Same OCP dot: exact products, float32 accumulation.
+    (qa, ga), (qw, gw) = xla.split_tensor_scale(lhs), xla.split_tensor_scale(rhs)
+    y = dot_general(dequantize(qa, jnp.bfloat16), qw, dimension_numbers, precision, jnp.float32, out_sharding)
+    return xla.times_tensor_scales(y, ga, gw).astype(preferred_element_type or lhs.dtype)
   impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m)
   if impl == "xla":
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)

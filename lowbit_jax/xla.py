@@ -14,27 +14,30 @@ from jax import lax
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize
 
-__all__ = ["dot_general", "exact_in_bf16", "int8_pair", "matrix_pair"]
+__all__ = ["blocks_exact_in_bf16", "dot_general", "int8_pair", "matrix_pair", "split_tensor_scale", "times_tensor_scales"]
 
 
-def exact_in_bf16(q: QArray) -> bool:
-  """MX values are a <= 8-bit significand times a power of two: bfloat16 holds them exactly (above 2^-126)."""
-  return q.format.rule == "mx"
+def blocks_exact_in_bf16(q: QArray) -> bool:
+  """Element times block scale, before any tensor scale, is exact in bfloat16: MX values are a <= 8-bit significand
+  times a power of two (above 2^-126), and NVFP4-style elements of <= 4 significant bits times an E4M3 scale (4 bits)
+  fit bfloat16's 8."""
+  return q.format.rule == "mx" or (q.format.rule == "nvfp4" and q.format.element_type.mantissa <= 3)
 
 
-def _blocks_exact_in_bf16(q: QArray) -> bool:
-  """Element times block scale, before any tensor scale, is exact in bfloat16: MX, and NVFP4-style formats with
-  elements of <= 4 significant bits (their product with an E4M3 scale, 4 bits, fits bfloat16's 8)."""
-  return exact_in_bf16(q) or (q.format.rule == "nvfp4" and q.format.element_type.mantissa <= 3)
-
-
-def _block_values(q: QArray, dtype) -> jax.Array:
-  """The dequantized values without the tensor scale (which the caller applies to the product)."""
+def split_tensor_scale(q: QArray) -> tuple[QArray, jax.Array | None]:
+  """(q with its tensor scale set to 1, the tensor scale or None): the caller applies it to a float32 product."""
   if q.tensor_scale is None:
-    return dequantize(q, dtype)
+    return q, None
   children, aux = q.tree_flatten()
-  data, scale, _, zero = children
-  return dequantize(QArray.tree_unflatten(aux, (data, scale, jnp.ones((), jnp.float32), zero)), dtype)
+  data, scale, g, zero = children
+  return QArray.tree_unflatten(aux, (data, scale, jnp.ones((), jnp.float32), zero)), g
+
+
+def times_tensor_scales(y: jax.Array, *gs) -> jax.Array:
+  """y times each tensor scale that is not None, one at a time (NVFP4's scales multiply the float32 sum)."""
+  for g in gs:
+    y = y if g is None else y * g
+  return y
 
 
 def matrix_pair(lhs, rhs, dimension_numbers) -> bool:
@@ -67,12 +70,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
       acc = lax.dot_general(lhs.data, rhs.data, dimension_numbers, preferred_element_type=jnp.int32, **kwargs)
       sw = rhs.scale.astype(jnp.float32).reshape(-1)  # (1, N) or (N, 1): one scale per output column
       return (acc.astype(jnp.float32) * lhs.scale.astype(jnp.float32) * sw).astype(out)
-    if _blocks_exact_in_bf16(lhs) and _blocks_exact_in_bf16(rhs):
-      y = lax.dot_general(_block_values(lhs, jnp.bfloat16), _block_values(rhs, jnp.bfloat16), dimension_numbers,
+    if blocks_exact_in_bf16(lhs) and blocks_exact_in_bf16(rhs):
+      (qa, ga), (qw, gw) = split_tensor_scale(lhs), split_tensor_scale(rhs)
+      y = lax.dot_general(dequantize(qa, jnp.bfloat16), dequantize(qw, jnp.bfloat16), dimension_numbers,
                           preferred_element_type=jnp.float32, **kwargs)
-      for q in (lhs, rhs):  # NVFP4's tensor scales multiply the float32 sum, one at a time
-        y = y if q.tensor_scale is None else y * q.tensor_scale
-      return y.astype(out)
+      return times_tensor_scales(y, ga, gw).astype(out)
     y = lax.dot_general(dequantize(lhs, jnp.float32), dequantize(rhs, jnp.float32), dimension_numbers,
                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32, **kwargs)
     return y.astype(out)
