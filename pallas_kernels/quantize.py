@@ -1,5 +1,6 @@
 """Fused quantize and dequantize of 2-D arrays blocked along the last axis: MX (blocks of 32), NVFP4, and (quantize
-only) per-row int8 and 1 x 128 block FP8.
+only) per-row int8 and 1 x 128 block FP8; and `dequantize_cols`, the dequantize of weights blocked along their first
+axis (K), for every format with 4- or 8-bit elements and power-of-two 1-D blocks.
 
 Layouts (DESIGN.md), for x of shape (R, C), C a multiple of the block B (per-row int8: B = C):
   data: (R, C) float8 (MXFP8, block FP8), (R, C) int8 (MXINT8, int8) or (R, C / 2) uint8 (MXFP4, NVFP4: element 2i
