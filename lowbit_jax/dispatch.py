@@ -25,7 +25,7 @@ _warned: set[str] = set()
 # From this many activation rows on, dequantize-then-dot (the weight dequantized once, then XLA's bf16 GEMM) beats
 # the fused kernel on Hopper (BENCHMARKS.md, weight-only matmul): from M = 128 for the formats the column
 # dequantize kernel of pallas_kernels/quantize.py takes (at M = 64 the fused kernel is faster), from M = 512 for
-# the others (MXFP6, per-channel), whose dequantization is an XLA fusion at a fraction of copy bandwidth.
+# the others (per-channel scales), whose dequantization is an XLA fusion.
 XLA_FROM_M = 128
 XLA_FROM_M_SLOW_DEQUANT = 512
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate

@@ -9,9 +9,13 @@ float16 exponent and mantissa fields, is the element value times 2^(bias - 15) e
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax.numpy as jnp
 from jax import lax
 
+from lowbit_jax import packing
 from lowbit_jax.formats import ElementType
 
 __all__ = ["element_values", "post_factor", "mx_scale", "unpack_groups"]
@@ -19,14 +23,14 @@ __all__ = ["element_values", "post_factor", "mx_scale", "unpack_groups"]
 
 def unpack_groups(byte_tiles: list, el: ElementType) -> list:
   """Codes (int32) of the P = codes_per_group elements of each packing group, one tile per position in the
-  group, from the B = bytes_per_group byte tiles of the groups (uint8)."""
+  group, from the B = bytes_per_group byte tiles of the groups (uint8): the little-endian word of the B bytes
+  holds code i in bits [bits * i, bits * (i + 1)) (REFERENCE section 3)."""
   b = [t.astype(jnp.int32) for t in byte_tiles]
-  if el.bits == 4:
-    return [b[0] & 0xF, b[0] >> 4]
-  if el.bits == 6:
-    word = b[0] | (b[1] << 8) | (b[2] << 16)
-    return [(word >> s) & 0x3F for s in (0, 6, 12, 18)]
-  return b
+  word = functools.reduce(operator.or_, [t << (8 * j) for j, t in enumerate(b)])
+  if el.bits == 8:
+    return [word]
+  mask = (1 << el.bits) - 1
+  return [(word >> (el.bits * i)) & mask for i in range(packing.codes_per_group(el.bits))]
 
 
 def element_values(codes, el: ElementType, *, zero_point_format: bool = False):

@@ -1,6 +1,6 @@
 """Fused quantize and dequantize of 2-D arrays blocked along the last axis: MX (blocks of 32), NVFP4, and (quantize
 only) per-row int8 and 1 x 128 block FP8; and `dequantize_cols`, the dequantize of weights blocked along their first
-axis (K), for every format with 4- or 8-bit elements and power-of-two 1-D blocks.
+axis (K), for every format with power-of-two 1-D blocks.
 
 Layouts (DESIGN.md), for x of shape (R, C), C a multiple of the block B (per-row int8: B = C):
   data: (R, C) float8 (MXFP8, block FP8), (R, C) int8 (MXINT8, int8) or (R, C / 2) uint8 (MXFP4, NVFP4: element 2i
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lowbit_jax import elements, scales
+from lowbit_jax import elements, packing, scales
 from lowbit_jax.formats import SCALE_GRIDS, ElementType, Format, get_format
 from pallas_kernels import backend as _backend
+from pallas_kernels import decode
 
 __all__ = ["quantize_rows", "dequantize_rows", "dequantize_cols", "supports", "supports_cols"]
 
@@ -289,14 +290,15 @@ def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | Non
 
 
 def _values(c, fmt: Format):
-  """float32 element values of codes `c`: int32 nibbles of 4-bit elements, else the stored bytes (uint8). In
+  """float32 element values of codes `c`: int32 codes of sub-byte elements, else the stored bytes (uint8). In
   grid units, except MXINT8's fixed point (scaled by 2^-6), as `lowbit_jax.dequantize` computes them."""
   el = fmt.element_type
-  if el.bits == 4:
+  if el.bits < 8:
+    top = el.bits - 1
     if el.kind == "float":
       # The sign goes in as a bit: Triton lowers -v as 0 - v, which loses the sign of zero.
-      return _f32(_i32(elements.decode(c & 7, el)) | ((c >> 3) << 31))
-    return (c if fmt.zero_point else (c ^ 8) - 8).astype(jnp.float32)
+      return _f32(_i32(elements.decode(c & ((1 << top) - 1), el)) | ((c >> top) << 31))
+    return (c if fmt.zero_point else (c ^ (1 << top)) - (1 << top)).astype(jnp.float32)
   if el.kind == "float":
     return lax.bitcast_convert_type(c, el.storage_dtype).astype(jnp.float32)
   v = (c if fmt.zero_point else lax.bitcast_convert_type(c, jnp.int8)).astype(jnp.float32)
@@ -374,10 +376,8 @@ def supports_cols(fmt: Format) -> str | None:
   """None if `dequantize_cols` takes `fmt`, else the reason it does not."""
   if fmt.block is None or len(fmt.block) != 1:
     return f"{fmt.name}: {'per-channel scales' if fmt.block is None else '2-D blocks'}"
-  if fmt.element_type.bits not in (4, 8):
-    return f"{fmt.name}: {fmt.element_type.bits}-bit elements"
-  if fmt.block[0] & (fmt.block[0] - 1) or fmt.block[0] < 2:
-    return f"{fmt.name}: blocks of {fmt.block[0]} (not a power of two)"
+  if fmt.block[0] & (fmt.block[0] - 1) or fmt.block[0] < packing.codes_per_group(fmt.element_type.bits):
+    return f"{fmt.name}: blocks of {fmt.block[0]} (not a power of two holding whole packing groups)"
   return None
 
 
@@ -386,8 +386,9 @@ def _dequantize_cols_kernel(*refs, fmt: Format, rows: int, cols: int, backend: s
   o_ref = rest[-1]
   z_ref = rest[0] if fmt.zero_point else None
   g = rest[-2][...].reshape(1, 1, 1) if fmt.rule == "nvfp4" else None
-  p = 8 // fmt.element_type.bits  # codes per byte, down the column
-  tp, ct = d_ref.shape
+  el = fmt.element_type
+  p, nbytes = packing.codes_per_group(el.bits), packing.bytes_per_group(el.bits)  # per packing group
+  tp, ct = d_ref.shape[0] // nbytes, d_ref.shape[1]  # packing groups down the tile, columns
   nb = s_ref.shape[0]
   col_ok = None if cols % ct == 0 else pl.program_id(1) * ct + lax.broadcasted_iota(jnp.int32, (1, ct), 1) < cols
 
@@ -396,13 +397,17 @@ def _dequantize_cols_kernel(*refs, fmt: Format, rows: int, cols: int, backend: s
         pl.program_id(0) * shape[0] + lax.broadcasted_iota(jnp.int32, (shape[0], 1), 0) < total_rows)
     return _backend.tile_mask(row_ok, col_ok, shape)
 
-  def ld(ref, total_rows):
-    return _backend.load(ref, (slice(None), slice(None)), mask(total_rows, ref.shape), 0, backend=backend)
+  def ld(ref, total_rows, rows=slice(None), shape=None):
+    shape = shape or ref.shape
+    return _backend.load(ref, (rows, slice(None)), mask(total_rows, shape), 0, backend=backend)
 
-  d = ld(d_ref, rows // p)
   s = _scale_tile(ld(s_ref, rows // fmt.block[0])).reshape(nb, 1, ct)
   z = None if z_ref is None else ld(z_ref, rows // fmt.block[0]).astype(jnp.float32).reshape(nb, 1, ct)
-  planes = [d] if p == 1 else [d.astype(jnp.int32) & 0xF, d.astype(jnp.int32) >> 4]
+  if el.bits == 8:
+    planes = [ld(d_ref, rows)]
+  else:  # byte j of every packing group, then the groups' codes
+    planes = decode.unpack_groups([ld(d_ref, rows // p, pl.ds(j, tp, stride=nbytes) if nbytes > 1 else slice(None),
+                                      (tp, ct)) for j in range(nbytes)], el)
   for j, c in enumerate(planes):  # plane j holds rows k = p * r + j of the output tile
     out = _scaled(_values(c, fmt).reshape(nb, tp // nb, ct), s, fmt, g, z).reshape(tp, ct).astype(o_ref.dtype)
     _backend.store(o_ref, out, mask(rows // p, out.shape), backend=backend,
@@ -416,12 +421,13 @@ def dequantize_cols(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
                     num_warps: int | None = None) -> jax.Array:
   """The (R, C) array of `dtype` that a QArray blocked along axis 0 stands for: a (K, N) weight quantized along K.
 
-  `data` is (R / P, C) with P codes per byte down each column (4-bit: row 2i in the low nibble of byte row i, 2i + 1
-  in the high one), `scale` (R / B, C) for blocks of B rows (`zero_point` likewise for asymmetric integers; NVFP4
-  rule: `tensor_scale` g). Formats: 4- and 8-bit elements with power-of-two 1-D blocks (MX, NVFP4, grouped
-  integers, block FP8 1 x 128). Computes in float32 as `lowbit_jax.dequantize` does and casts to `dtype`: the same
+  `data` is the packing of REFERENCE section 3 down each column: (R / P * W, C) for packing groups of P codes in W
+  bytes (4-bit: row 2i in the low nibble of byte row i, 2i + 1 in the high one; 6-bit: four rows in three byte rows),
+  `scale` (R / B, C) for blocks of B rows (`zero_point` likewise for asymmetric integers; NVFP4 rule:
+  `tensor_scale` g). Formats: every element width with power-of-two 1-D blocks (MX, NVFP4, grouped integers, block
+  FP8 1 x 128). Computes in float32 as `lowbit_jax.dequantize` does and casts to `dtype`: the same
   bits, outside the subnormal limit in the module docstring. One program writes a (block_rows, block_cols) tile;
-  4-bit codes are decoded as two planes of rows, each stored to its own rows (no interleave in registers). The
+  sub-byte codes are decoded as P planes of rows, each stored to its own rows (no interleave in registers). The
   default tiles, 32 (or one block) x 256 with 4 warps per 8192 elements, were the fastest of eight shapes swept on an
   H100 (BENCHMARKS.md).
   """
@@ -429,10 +435,11 @@ def dequantize_cols(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
   reason = supports_cols(fmt)
   if reason:
     raise ValueError(f"dequantize_cols does not support {reason}.")
-  block, p = fmt.block[0], 8 // fmt.element_type.bits
+  block = fmt.block[0]
+  p, nbytes = packing.codes_per_group(fmt.element_type.bits), packing.bytes_per_group(fmt.element_type.bits)
   rows, cols = scale.shape[0] * block, scale.shape[1]
-  if data.shape != (rows // p, cols):
-    raise ValueError(f"data has shape {data.shape}; scale {scale.shape} needs {(rows // p, cols)}.")
+  if data.shape != (rows // p * nbytes, cols):
+    raise ValueError(f"data has shape {data.shape}; scale {scale.shape} needs {(rows // p * nbytes, cols)}.")
   if fmt.tensor_scale and tensor_scale is None:
     raise ValueError(f"{fmt.name} needs its tensor scale g.")
   if fmt.zero_point != (zero_point is not None):
@@ -441,15 +448,16 @@ def dequantize_cols(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
   ct = min(block_cols, pl.next_power_of_2(cols))
   num_warps = num_warps or max(4, tr * ct // 4096)
   operands = [lax.bitcast_convert_type(data, jnp.uint8), _scale_operand(scale)]
-  in_specs = [pl.BlockSpec((tr // p, ct), lambda i, j: (i, j)), pl.BlockSpec((tr // block, ct), lambda i, j: (i, j))]
+  in_specs = [pl.BlockSpec((tr // p * nbytes, ct), lambda i, j: (i, j)),
+              pl.BlockSpec((tr // block, ct), lambda i, j: (i, j))]
   if zero_point is not None:
     operands.append(zero_point)
     in_specs.append(in_specs[-1])
   operands, in_specs = _with_tensor_scale(fmt, tensor_scale, operands, in_specs)
   if p == 1:
     out_shape, out_spec = (rows, cols), pl.BlockSpec((tr, ct), lambda i, j: (i, j))
-  else:  # (R / 2, 2, C) is (R, C) in memory: [r, j] is row 2r + j
-    out_shape, out_spec = (rows // 2, 2, cols), pl.BlockSpec((tr // 2, 2, ct), lambda i, j: (i, 0, j))
+  else:  # (R / P, P, C) is (R, C) in memory: [r, j] is row P r + j
+    out_shape, out_spec = (rows // p, p, cols), pl.BlockSpec((tr // p, p, ct), lambda i, j: (i, 0, j))
   kernel = functools.partial(_dequantize_cols_kernel, fmt=fmt, rows=rows, cols=cols, backend=backend)
   out = _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct(out_shape, dtype),

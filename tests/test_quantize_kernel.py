@@ -173,7 +173,9 @@ def test_absmax_row_length_limits():
 @pytest.mark.parametrize("fmt,dtype", [
     ("mxfp8_e4m3", jnp.bfloat16), ("mxfp8_e5m2", jnp.float32), ("mxfp4", jnp.bfloat16), ("mxint8", jnp.float16),
     ("nvfp4", jnp.bfloat16), ("int4_g32_asym", jnp.bfloat16), ("int4_g128_sym", jnp.float32),
-    ("int8_g64_sym", jnp.bfloat16), ("int8_g32_asym", jnp.float32), ("fp8_block_1x128", jnp.bfloat16)])
+    ("int8_g64_sym", jnp.bfloat16), ("int8_g32_asym", jnp.float32), ("fp8_block_1x128", jnp.bfloat16),
+    ("mxfp6_e2m3", jnp.bfloat16), ("mxfp6_e3m2", jnp.float32), ("int2_g64_asym", jnp.bfloat16),
+    ("int3_g32_sym", jnp.float32)])
 def test_dequantize_cols_matches_xla(fmt, dtype):
   """Weights blocked along axis 0 (K): the column kernel reads the stored bits as `lb.dequantize` does, on tiles
   that overhang both axes (K = 384 in tiles of 256 rows, 20 columns in tiles of 8), with the special blocks of
@@ -189,8 +191,9 @@ def test_dequantize_cols_matches_xla(fmt, dtype):
 
 def test_dequantize_cols_rejects():
   q = lb.quantize(jnp.ones((64, 8)), "mxfp4", axis=0)
-  with pytest.raises(ValueError, match="6-bit"):
-    qk.dequantize_cols(q.data, q.scale, "mxfp6_e2m3", backend=BACKEND)
+  with pytest.raises(ValueError, match="not a power of two"):
+    qk.dequantize_cols(q.data, q.scale, lb.Format("mxfp4_b48", "float4_e2m1fn", (48,), "float8_e8m0fnu"),
+                       backend=BACKEND)
   with pytest.raises(ValueError, match="per-channel"):
     qk.dequantize_cols(q.data, q.scale, "int4_channel_sym", backend=BACKEND)
   with pytest.raises(ValueError, match="needs"):
