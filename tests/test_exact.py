@@ -147,6 +147,7 @@ SHAPES = [  # (id, shape, axis, input dtype, exponent range); ragged rank 2 alon
     ("3d_axis1_bf16", (5, 33, 2), 1, ml_dtypes.bfloat16, (-20, 20)),
     ("axis0_f16", (70, 3), 0, np.float16, (-6, 6)),
     ("1d", (45,), -1, np.float32, (-20, 20)),
+    ("3d_axis1_whole_bf16", (3, 128, 5), 1, ml_dtypes.bfloat16, (-20, 20)),  # whole blocks: GPU column kernel
 ]
 SHAPES_2D = [  # two-dimensional blocks need two blocked axes
     ("3d_axis1_bf16", (5, 33, 2), 1, ml_dtypes.bfloat16, (-20, 20)),
