@@ -94,8 +94,8 @@ def main() -> None:
           try:
             t = time_calls(lambda x, w, cfg=cfg: dequant_matmul(
                 x, w, config=cfg, backend="triton" if args.backend == "pallas" else args.backend), xs, qws)
-            print(f"| {name} | {m} | {n} | {k} | {cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{cfg.split_k} | "
-                  f"{t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
+            tiles = f"{cfg.bm}:{cfg.bn}:{cfg.bk}:{cfg.num_warps}:{cfg.num_stages}:{cfg.split_k}"
+            print(f"| {name} | {m} | {n} | {k} | {tiles} | {t * 1e6:.1f} | {floor / t:.2f} |", flush=True)
           except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
             print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)
         continue

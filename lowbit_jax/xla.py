@@ -14,7 +14,8 @@ from jax import lax
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize
 
-__all__ = ["blocks_exact_in_bf16", "dot_general", "int8_pair", "matrix_pair", "split_tensor_scale", "times_tensor_scales"]
+__all__ = ["blocks_exact_in_bf16", "dot_general", "int8_pair", "matrix_pair", "split_tensor_scale",
+           "times_tensor_scales"]
 
 
 def blocks_exact_in_bf16(q: QArray) -> bool:

@@ -397,9 +397,9 @@ def _dequantize_cols_kernel(*refs, fmt: Format, rows: int, cols: int, backend: s
         pl.program_id(0) * shape[0] + lax.broadcasted_iota(jnp.int32, (shape[0], 1), 0) < total_rows)
     return _backend.tile_mask(row_ok, col_ok, shape)
 
-  def ld(ref, total_rows, rows=slice(None), shape=None):
+  def ld(ref, total_rows, row_idx=slice(None), shape=None):
     shape = shape or ref.shape
-    return _backend.load(ref, (rows, slice(None)), mask(total_rows, shape), 0, backend=backend)
+    return _backend.load(ref, (row_idx, slice(None)), mask(total_rows, shape), 0, backend=backend)
 
   s = _scale_tile(ld(s_ref, rows // fmt.block[0])).reshape(nb, 1, ct)
   z = None if z_ref is None else ld(z_ref, rows // fmt.block[0]).astype(jnp.float32).reshape(nb, 1, ct)
