@@ -23,10 +23,10 @@ BACKENDS = ("auto", "pallas", "jax_triton", "xla", "interpret")
 _warned: set[str] = set()
 
 # From this many activation rows on, dequantize-then-dot (the weight dequantized once, then XLA's bf16 GEMM) beats
-# the fused kernel on Hopper (BENCHMARKS.md, weight-only matmul): from M = 128 for the formats the column
-# dequantize kernel of pallas_kernels/quantize.py takes (at M = 64 the fused kernel is faster), from M = 512 for
-# the others (per-channel scales), whose dequantization is an XLA fusion.
-XLA_FROM_M = 128
+# the fused kernel on Hopper (BENCHMARKS.md, weight-only matmul): from M = 256 for the formats the column
+# dequantize kernel of pallas_kernels/quantize.py takes (at M = 128 the split-K kernel is faster), from M = 512
+# for the others (per-channel scales), whose dequantization is an XLA fusion.
+XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).

@@ -63,8 +63,10 @@ def default_config(m: int, n: int, fmt: Format) -> Config:
   if m <= 16:  # weight streaming: one row block, narrow column tiles so every SM has work
     few_groups = fmt.block is None or fmt.block[0] >= 128
     cfg = Config(16, 64, 512 if few_groups else 256, num_warps=4, num_stages=4, split_k=_split_for(-(-n // 64)))
-  elif m <= 64:  # one row block: split K so the column tiles fill every SM once
+  elif m <= 64:  # one row block: split K until the launch has about four warps per SM
     cfg = Config(64, 64, 128, num_warps=4, num_stages=3, split_k=_split_for(-(-n // 64), per_sm=1))
+  elif m <= 128:
+    cfg = Config(128, 128, 128, num_warps=8, num_stages=3, split_k=_split_for(-(-n // 128), per_sm=0.5))
   elif m <= 256:
     cfg = Config(128, 128, 128, num_warps=8, num_stages=3)
   else:
@@ -93,7 +95,7 @@ def fit_config(cfg: Config, k: int) -> Config:
 _SMS = 132  # streaming multiprocessors of an H100 SXM / H200
 
 
-def _split_for(programs: int, per_sm: int = 2) -> int:
+def _split_for(programs: int, per_sm: float = 2) -> int:
   """split_k that brings the programs of a weight-streaming launch to about `per_sm` per SM."""
   split = 1
   while programs * split < per_sm * _SMS and split < 8:
