@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "jax_triton_available", "load", "on_gpu",
-           "store", "tile_mask", "triton_call"]
+__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "in_bounds", "jax_triton_available", "load",
+           "on_gpu", "store", "tile_mask", "triton_call"]
 
 BACKENDS = ("triton", "interpret")
 
@@ -155,13 +155,21 @@ def load(ref, idx, mask=None, other=None, *, backend: str):
   return pltriton.load(ref.at[idx], mask=mask, other=other)
 
 
+def in_bounds(grid_axis: int, size: int, total: int, dim: int = 0):
+  """Which of a tile's `size` indices along an array dimension of length `total` lie inside it, for the program at
+  `pl.program_id(grid_axis)`: a bool mask shaped (size, 1) (`dim` 0) or (1, size) (`dim` 1); None when `size`
+  divides `total` (every tile whole), so masks vanish statically for aligned shapes."""
+  if total % size == 0:
+    return None
+  shape = (size, 1) if dim == 0 else (1, size)
+  return pl.program_id(grid_axis) * size + jax.lax.broadcasted_iota(jnp.int32, shape, dim) < total
+
+
 def tile_mask(row_ok, col_ok, shape):
   """The (rows, cols) mask of an output tile from its row mask (rows, 1) and column mask (1, cols), either None
   when every row (column) lies inside the array; None when the whole tile does."""
-  if row_ok is None and col_ok is None:
-    return None
-  return jnp.broadcast_to(True if row_ok is None else row_ok, shape) & jnp.broadcast_to(
-      True if col_ok is None else col_ok, shape)
+  masks = [jnp.broadcast_to(ok, shape) for ok in (row_ok, col_ok) if ok is not None]
+  return masks[0] & masks[1] if len(masks) == 2 else (masks[0] if masks else None)
 
 
 def store(ref, value, mask=None, *, backend: str, idx=...):

@@ -129,10 +129,8 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
   dtype = x_ref.dtype
   # Ragged edges: Pallas's Triton lowering reads and writes whole blocks, so overhanging rows of x and columns
   # of w, the scales and the output are masked (statically absent when the shape divides the tile).
-  row_ok = None if m % bm == 0 else (
-      pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < m)
-  col_ok = None if n % bn == 0 else (
-      pl.program_id(1) * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1) < n)
+  row_ok = _backend.in_bounds(0, bm, m, dim=0)
+  col_ok = _backend.in_bounds(1, bn, n, dim=1)
 
   def ld(ref, rows, shape, mask):
     idx = (rows, slice(None)) if ref is not x_ref else (slice(None), rows)

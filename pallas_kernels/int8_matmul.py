@@ -34,10 +34,9 @@ class Int8Config:
 
 def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, cfg: Int8Config, m: int, n: int, k: int, backend: str):
   bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
-  rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-  cols = pl.program_id(1) * bn + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
-  row_ok = None if m % bm == 0 else rows < m
-  col_ok = None if n % bn == 0 else cols < n
+  row_ok = _backend.in_bounds(0, bm, m, dim=0)
+  col_ok = _backend.in_bounds(1, bn, n, dim=0)  # rows of the K-major weight tile
+  out_col_ok = _backend.in_bounds(1, bn, n, dim=1)
 
   def ld(ref, idx, mask, shape):
     return _backend.load(ref, idx, None if mask is None else jnp.broadcast_to(mask, shape), 0, backend=backend)
@@ -50,9 +49,9 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, cfg: Int8Config, m: int, n: 
 
   acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bn), jnp.int32))
   sx = ld(sx_ref, (slice(None), slice(None)), row_ok, (bm, 1)).astype(jnp.float32)
-  sw = ld(sw_ref, (slice(None), slice(None)), None if col_ok is None else col_ok.reshape(1, bn), (1, bn))
+  sw = ld(sw_ref, (slice(None), slice(None)), out_col_ok, (1, bn))
   y = (acc.astype(jnp.float32) * sx) * sw.astype(jnp.float32)
-  mask = _backend.tile_mask(row_ok, None if col_ok is None else col_ok.reshape(1, bn), (bm, bn))
+  mask = _backend.tile_mask(row_ok, out_col_ok, (bm, bn))
   _backend.store(o_ref, y.astype(o_ref.dtype), mask, backend=backend)
 
 

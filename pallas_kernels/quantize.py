@@ -96,10 +96,7 @@ def _col_tile(cols: int, most: int) -> int:
 
 def _row_mask(block_rows: int, rows: int, shape):
   """Which rows of the tile lie inside the array (None if every tile is whole)."""
-  if rows % block_rows == 0:
-    return None
-  ok = pl.program_id(0) * block_rows + lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0) < rows
-  return jnp.broadcast_to(ok, shape)
+  return _backend.tile_mask(_backend.in_bounds(0, block_rows, rows), None, shape)
 
 
 def _with_tensor_scale(fmt: Format, tensor_scale, args: list, in_specs: list) -> tuple[list, list]:
@@ -390,12 +387,10 @@ def _dequantize_cols_kernel(*refs, fmt: Format, rows: int, cols: int, backend: s
   p, nbytes = packing.codes_per_group(el.bits), packing.bytes_per_group(el.bits)  # per packing group
   tp, ct = d_ref.shape[0] // nbytes, d_ref.shape[1]  # packing groups down the tile, columns
   nb = s_ref.shape[0]
-  col_ok = None if cols % ct == 0 else pl.program_id(1) * ct + lax.broadcasted_iota(jnp.int32, (1, ct), 1) < cols
+  col_ok = _backend.in_bounds(1, ct, cols, dim=1)
 
   def mask(total_rows, shape):
-    row_ok = None if total_rows % shape[0] == 0 else (
-        pl.program_id(0) * shape[0] + lax.broadcasted_iota(jnp.int32, (shape[0], 1), 0) < total_rows)
-    return _backend.tile_mask(row_ok, col_ok, shape)
+    return _backend.tile_mask(_backend.in_bounds(0, shape[0], total_rows), col_ok, shape)
 
   def ld(ref, total_rows, row_idx=slice(None), shape=None):
     shape = shape or ref.shape
