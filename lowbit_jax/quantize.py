@@ -150,12 +150,16 @@ def _dequantize(q: QArray, dtype):
   return out.astype(dtype)
 
 
+# The float dtypes the fused kernels read and write.
+_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
+
+
 def _fused(x, fmt: Format, shape, axis: int, dtype, rounding: str = "nearest") -> bool:
   """Whether the fused Pallas kernels (pallas_kernels/quantize.py) take this call: an NVIDIA GPU, a format they
   support (MX, NVFP4, per-row int8, block FP8 1 x 128), blocks along the last axis of whole blocks, nearest
   rounding. They store the same bits."""
   if (rounding != "nearest" or not shape or axis != len(shape) - 1 or 0 in shape
-      or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))):
+      or jnp.dtype(dtype) not in _KERNEL_DTYPES):
     return False
   from pallas_kernels.backend import on_gpu
   from pallas_kernels.quantize import fits, supports
@@ -182,7 +186,7 @@ def _dequantize_fused(q: QArray, dtype) -> jax.Array:
 
 def _fused_cols(q: QArray, dtype) -> bool:
   """Whether `pallas_kernels.quantize.dequantize_cols` takes q (blocked along a non-last axis) on this device."""
-  if q.size == 0 or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+  if q.size == 0 or jnp.dtype(dtype) not in _KERNEL_DTYPES:
     return False
   from pallas_kernels.backend import on_gpu
   from pallas_kernels.quantize import supports_cols
@@ -333,7 +337,7 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   # Blocks along the last axis: the fused kernel covers MX and NVFP4 (absmax formats dequantize in one XLA fusion
   # near copy speed). Along an earlier axis (weights blocked along K): XLA's fusion runs at 0.1-0.4 of copy
   # bandwidth there (BENCHMARKS.md), so every format the column kernel takes goes to it.
-  if whole and q.format.rule in ("mx", "nvfp4") and _fused(q.data, q.format, q.shape, q.axis, dtype):
+  if whole and q.format.rule in ("mx", "nvfp4") and _fused(q.data, q.format, q.shape, ax, dtype):
     return _dequantize_fused(q, dtype)
   if whole and ax < q.ndim - 1 and _fused_cols(q, dtype):
     return _dequantize_cols_fused(q, dtype)
