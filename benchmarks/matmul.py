@@ -9,6 +9,7 @@ Usage:
   python benchmarks/matmul.py [--shapes 8192x8192,28672x8192] [--ms 1,16,64] [--formats mxfp4,int4_g128_sym]
   python benchmarks/matmul.py --sweep 16:64:256:4:4,16:128:128:4:3 ...   # time kernel tile configs instead
   python benchmarks/matmul.py --pairs int8_channel_sym:int8_channel_sym,mxfp8_e4m3:mxfp8_e4m3 --ms 2048,8192
+  python benchmarks/matmul.py --k-major --ms 1,16 [--sweep 2:2:4,4:2:4]   # K-major weights: the Mosaic GPU kernel
 Shapes are N x K (output features x input features). `--pairs act:weight,...` times matmuls with both operands
 quantized: pre-quantized, and with the activation quantized inside the call (`act_format`), against XLA bf16.
 """
@@ -24,6 +25,7 @@ import lowbit_jax as lb
 from benchmarks.common import BF16_PEAK, copy_bandwidth, header, time_calls
 from lowbit_jax.dispatch import xla_from_m
 from pallas_kernels import Config, dequant_matmul
+from pallas_kernels import dequant_gemv_mosaic
 
 DEFAULT_FORMATS = ("mxfp4,nvfp4,int4_g128_sym,int4_g128_asym,int4_g32_sym,mxfp6_e2m3,mxfp6_e3m2,mxfp8_e4m3,"
                    "mxfp8_e5m2,int8_channel_sym")
@@ -67,9 +69,12 @@ def main() -> None:
   p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages[:split_k],... to time kernel configs")
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
   p.add_argument("--pairs", default="", help="act:weight format pairs, comma-separated (both operands quantized)")
+  p.add_argument("--k-major", action="store_true", help="K-major (N, K) weights: the Mosaic GPU kernel (M <= 16)")
   args = p.parse_args()
   if args.pairs:
     return pairs(args)
+  if args.k_major:
+    return k_major(args)
   bw = copy_bandwidth()
   print(header())
   print(f"device copy: {bw / 1e9:.0f} GB/s; floor = max(bytes / copy bandwidth, 2MNK / {BF16_PEAK / 1e12:.0f} "
@@ -113,6 +118,40 @@ def main() -> None:
       print(f"| {name} | {m} | {n} | {k} | {t_k * 1e6:.1f} | {2 * m * n * k / t_k / 1e12:.1f} | "
             f"{nbytes / t_k / 1e9:.0f} | {floor / t_k:.2f} | {t_bf16 / t_k:.2f}x | {t_x / t_k:.2f}x | {sdg} | "
             f"{t_bf16 / t_d:.2f}x |", flush=True)
+      del qws
+
+
+def k_major(args) -> None:
+  """Weight-only with K-major (N, K) weights, the layout of the Mosaic GPU kernel (M <= 16): its time, fraction of
+  the bandwidth floor and speed-ups over XLA bf16, XLA dequantize-then-dot and the Pallas-Triton kernel on the same
+  weights stored (K, N), all from this run. `--sweep split:groups:stages,...` times kernel configs instead."""
+  bw = copy_bandwidth()
+  print(header())
+  print(f"device copy: {bw / 1e9:.0f} GB/s; floor = bytes / copy bandwidth\n")
+  sweep = [dequant_gemv_mosaic.Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
+  print("| format | M | N | K | split:groups:stages | kernel us | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
+        "vs (K, N) Triton kernel |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  dn = (((1,), (1,)), ((), ()))
+  backend = "mosaic" if args.backend == "pallas" else "mosaic_interpret"
+  for n, k, m, xs, bf16_ws in _cases(args):
+    t_bf16 = time_calls(jnp.dot, xs, bf16_ws)
+    for name in args.formats.split(","):
+      qws = [lb.quantize(w.T, name, axis=1) for w in bf16_ws]
+      nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
+      default = dequant_gemv_mosaic.default_config(n, k)
+      for cfg in sweep or [default]:
+        t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
+                       xs, qws)
+        rest = ""
+        if not sweep:
+          t_x = time_calls(lambda x, w: lb.dot_general(x, w, dn, backend="xla"), xs, qws)
+          kn = [lb.quantize(w, name, axis=0) for w in bf16_ws]
+          t_kn = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, kn)
+          rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
+          del kn
+        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
+              f"{nbytes / bw / t:.2f} | {t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
       del qws
 
 

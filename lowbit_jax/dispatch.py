@@ -3,10 +3,12 @@
 `auto` (the default): on an NVIDIA GPU, the kernel that takes the format pair, dtypes and layout (and the number
 of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
-Kernels: weight-only and int8 x int8 are Pallas (`pallas`); block FP8 is a Triton kernel launched by jax_triton
+Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
+with K-major (N, K) int4 / int8 weights at M <= 16 (decode) is Pallas lowered through Mosaic GPU (`mosaic`, Hopper);
+block FP8 is a Triton kernel launched by jax_triton
 (`jax_triton`, the optional `lowbit-jax[triton]` extra; without it a GPU warns once and runs XLA). `pallas`,
-`jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the Pallas
-interpreter, or the XLA twin of a jax_triton kernel).
+`mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the
+Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import jax.numpy as jnp
 
 from lowbit_jax.qarray import QArray
 
-__all__ = ["BACKENDS", "choose", "pair_kernel", "weight_only_reason", "xla_from_m"]
+__all__ = ["BACKENDS", "choose", "pair_kernel", "weight_only_kernel", "xla_from_m"]
 
-BACKENDS = ("auto", "pallas", "jax_triton", "xla", "interpret")
+BACKENDS = ("auto", "pallas", "mosaic", "jax_triton", "xla", "interpret")
 _warned: set[str] = set()
 
 # From this many activation rows on, dequantize-then-dot (the weight dequantized once, then XLA's bf16 GEMM) beats
@@ -33,17 +35,27 @@ XLA_FROM_M_SLOW_DEQUANT = 512
 INT8_KERNEL_FROM_M = 512
 
 
-def weight_only_reason(lhs, rhs: QArray, dimension_numbers) -> str | None:
-  """None if the weight-only kernel takes this call, else why not."""
+def weight_only_kernel(lhs, rhs: QArray, dimension_numbers, m: int) -> tuple[str, str | None]:
+  """(the backend of the weight-only kernel for this call, None if it takes the call, else why not).
+
+  (K, N) weights blocked along K go to the Pallas-Triton kernel; K-major (N, K) weights blocked along K, to the
+  Mosaic GPU kernel at M <= 16."""
+  from pallas_kernels import dequant_gemv_mosaic
   from pallas_kernels.dequant_matmul import supports
   (lc, rc), (lb, rb) = dimension_numbers
   if lb or rb:
-    return "batch dimensions in dot_general"
-  if rhs.ndim != 2 or tuple(rc) != (0,) or tuple(lc) != (lhs.ndim - 1,):
-    return "the kernel takes lhs (..., K) @ rhs (K, N) with rhs blocked along K"
+    return "pallas", "batch dimensions in dot_general"
+  if rhs.ndim != 2 or tuple(rc) != (rhs.axis,) or tuple(lc) != (lhs.ndim - 1,):
+    return "pallas", "the kernels take lhs (..., K) @ rhs (K, N) or K-major rhs (N, K), rhs blocked along K"
   if jnp.dtype(lhs.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"the kernel takes bfloat16/float16 activations, got {jnp.dtype(lhs.dtype)}"
-  return supports(rhs.format)
+    return "pallas", f"the kernels take bfloat16/float16 activations, got {jnp.dtype(lhs.dtype)}"
+  if rhs.axis == 0:
+    return "pallas", supports(rhs.format)
+  if m > dequant_gemv_mosaic.MAX_M:
+    return "mosaic", f"K-major weights have a kernel for M <= {dequant_gemv_mosaic.MAX_M} rows (got M = {m})"
+  if jnp.dtype(lhs.dtype) != jnp.dtype(jnp.bfloat16):
+    return "mosaic", "the Mosaic kernel takes bfloat16 activations"
+  return "mosaic", dequant_gemv_mosaic.supports(rhs.format, *rhs.shape)
 
 
 def _warn_once(reason: str) -> None:
@@ -67,8 +79,8 @@ def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers) -> tuple[str | None
 
 
 def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
-  """Returns "pallas", "jax_triton", "interpret" or "xla" for this call."""
-  from pallas_kernels.backend import jax_triton_available, on_gpu
+  """Returns "pallas", "mosaic", "jax_triton", "interpret" or "xla" for this call."""
+  from pallas_kernels.backend import hopper_available, jax_triton_available, on_gpu
   backend = backend or "auto"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -80,7 +92,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   elif isinstance(lhs, QArray):
     reason = "a quantized lhs needs a quantized rhs"
   else:
-    reason = weight_only_reason(lhs, rhs, dimension_numbers)
+    kernel, reason = weight_only_kernel(lhs, rhs, dimension_numbers, m)
   if backend != "auto":
     if reason:
       raise ValueError(f"backend={backend!r} cannot run this call: {reason}.")
@@ -91,6 +103,8 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
     if not on_gpu(lhs):
       raise ValueError(f"backend={backend!r} needs an NVIDIA GPU; use backend='interpret' to run the kernel's "
                        "math on this device.")
+    if backend == "mosaic" and not hopper_available():
+      raise ValueError("backend='mosaic' needs a Hopper GPU (the kernel issues wgmma).")
     if backend == "jax_triton" and not jax_triton_available():
       raise ValueError("backend='jax_triton' needs jax_triton and Triton: pip install 'lowbit-jax[triton]'.")
     return backend
@@ -102,6 +116,11 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if kernel == "jax_triton":
     if not jax_triton_available():
       _warn_once("block-FP8 pairs need the Triton kernel, launched by jax_triton: pip install 'lowbit-jax[triton]'")
+      return "xla"
+    return kernel
+  if kernel == "mosaic":
+    if not hopper_available():
+      _warn_once("the K-major weight kernel issues wgmma, a Hopper instruction; this GPU runs dequantize-then-dot")
       return "xla"
     return kernel
   if isinstance(lhs, QArray):

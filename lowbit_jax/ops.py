@@ -44,15 +44,15 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                 grad_format: str | Format | None = None) -> jax.Array:
   """`lax.dot_general` where either operand may be a QArray blocked along a contracting dimension.
 
-  With a float `lhs` (bf16/f16/f32, any leading dimensions) and a quantized weight `rhs` of shape (K, N), this is
-  a weight-only matmul: on an NVIDIA GPU a Pallas kernel decodes the packed weights in registers; elsewhere the
-  weights are dequantized and XLA's dot runs. With both operands quantized it is the OCP dot of the two (exact
+  With a float `lhs` (bf16/f16/f32, any leading dimensions) and a quantized weight `rhs` of shape (K, N), or
+  K-major (N, K) contracted on its axis 1, this is a weight-only matmul: on an NVIDIA GPU a Pallas kernel decodes
+  the packed weights in registers; elsewhere the weights are dequantized and XLA's dot runs. With both operands quantized it is the OCP dot of the two (exact
   products, float32 accumulation; `lowbit_jax.xla`). The result has `lhs`'s (logical) dtype unless
   `preferred_element_type` says otherwise. Its signature matches `lax.dot_general`, so it can be handed to
   `flax.nnx.Linear(dot_general=...)`.
 
   Args:
-    backend: "auto" (default, see `lowbit_jax.dispatch`), "pallas", "xla" or "interpret".
+    backend: "auto" (default, see `lowbit_jax.dispatch`), "pallas", "mosaic", "jax_triton", "xla" or "interpret".
     act_format: quantize a float `lhs` to this format along its contracting dimension inside the call (dynamic
       scaling: A8W8, A8W4, A4W4 with a quantized `rhs`). The gradient with respect to `lhs` is straight-through:
       the cotangent times the dequantized `rhs`, in `lhs`'s dtype.
@@ -99,10 +99,13 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   out_dtype = preferred_element_type or lhs.dtype
   if isinstance(lhs, QArray):
     return _pair_kernel(lhs, rhs, dimension_numbers, impl, out_dtype)
-  kernel_backend = "triton" if impl == "pallas" else "interpret"
-  from pallas_kernels.dequant_matmul import dequant_matmul
   x2 = lhs.reshape(m, lhs.shape[-1])
-  y = dequant_matmul(x2, rhs, out_dtype=out_dtype, backend=kernel_backend)
+  if rhs.axis == 1:  # K-major (N, K) weights: the Mosaic GPU kernel
+    from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
+    y = dequant_gemv(x2, rhs, out_dtype=out_dtype, backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
+    return y.reshape(lhs.shape[:-1] + (rhs.shape[0],))
+  from pallas_kernels.dequant_matmul import dequant_matmul
+  y = dequant_matmul(x2, rhs, out_dtype=out_dtype, backend="triton" if impl == "pallas" else "interpret")
   return y.reshape(lhs.shape[:-1] + (rhs.shape[1],))
 
 

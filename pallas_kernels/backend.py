@@ -6,6 +6,9 @@ Every backend-specific call goes through this module, so kernels are written onc
 Backends:
   `triton`: Pallas lowered through Triton (NVIDIA GPUs).
   `interpret`: the same Pallas kernel run by Pallas's interpreter on any device (tests on CPU).
+  `mosaic`: Pallas lowered through Mosaic GPU (Hopper: TMA pipelines and wgmma), for what the Triton lowering
+    leaves on the table (the weight stream of decode-sized matmuls).
+  `mosaic_interpret`: a Mosaic GPU kernel run by the Mosaic GPU interpreter on any device (tests on CPU).
   `jax_triton`: a Triton kernel written in Triton's own language, launched by jax_triton (the optional
     `lowbit-jax[triton]` extra). It reaches what Pallas's lowering does not expose: FP8 MMAs with Triton's
     default accumulation (REFERENCE section 5). Its kernels have an XLA twin computing the same blocks for CPUs.
@@ -21,17 +24,22 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "in_bounds", "jax_triton_available", "load",
-           "on_gpu", "store", "tile_mask", "triton_call"]
+__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "hopper_available", "in_bounds", "jax_triton_available", "load",
+           "on_gpu", "program_id", "store", "tile_mask", "triton_call"]
 
-BACKENDS = ("triton", "interpret")
+BACKENDS = ("triton", "interpret", "mosaic", "mosaic_interpret")
 
 # Tests set this: every output buffer then starts as NaN (floats) or all-ones bits (integers) and is aliased into
 # the kernel, so an element a kernel never writes shows up instead of passing as whatever memory held.
 POISON = False
 
 
-def _compiler_params(num_warps: int, num_stages: int) -> Any:
+def _compiler_params(backend: str, num_warps: int, num_stages: int) -> Any:
+  if backend == "interpret":
+    return None
+  if backend.startswith("mosaic"):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
   # JAX 0.10 and 0.11 both expose the Triton params here; older names are not supported.
   from jax.experimental.pallas import triton as pltriton
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -39,11 +47,53 @@ def _compiler_params(num_warps: int, num_stages: int) -> Any:
 
 def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs, num_warps: int = 4,
          num_stages: int = 3, name: str | None = None) -> Callable:
-  """`pl.pallas_call` for `backend` (one of BACKENDS)."""
+  """`pl.pallas_call` for `backend` (one of BACKENDS).
+
+  Mosaic GPU kernels ("mosaic", "mosaic_interpret") take every operand in global memory (in_specs and out_specs
+  None), move tiles themselves and read their grid position through `program_id`; num_warps and num_stages are
+  Triton's.
+  """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-  interpret = backend == "interpret"
-  params = None if interpret else _compiler_params(num_warps, num_stages)
+  params = _compiler_params(backend, num_warps, num_stages)
+  if backend.startswith("mosaic"):
+    return _mosaic_call(kernel, backend, params, out_shape, grid)
+  return _call(kernel, backend == "interpret", params, out_shape, grid, in_specs, out_specs, name)
+
+
+_GRID_NAMES = ("grid0", "grid1", "grid2")
+
+
+def _mosaic_call(kernel, backend, params, out_shape, grid) -> Callable:
+  """`plgpu.kernel` over a named grid (the Mosaic GPU interpreter's pallas_call keeps the writes of the first
+  program only). With POISON the outputs are refs that start poisoned, which the kernel writes in place; the
+  interpreter (which takes no such refs) starts every output as NaN itself."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  interpret = None
+  if backend == "mosaic_interpret":
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    interpret = InterpretGPUParams()
+  launch = functools.partial(plgpu.kernel, kernel, grid=grid, grid_names=_GRID_NAMES[:len(grid)],
+                             compiler_params=params, interpret=interpret)
+  if not POISON or interpret is not None:
+    return launch(out_type=out_shape)
+
+  def poisoned(*args):
+    refs = jax.tree.map(lambda o: jax.new_ref(_poison(o)), out_shape)
+    launch(out_type=())(*args, *jax.tree.leaves(refs))
+    return jax.tree.map(lambda r: r[...], refs)
+
+  return poisoned
+
+
+def program_id(axis: int, *, backend: str):
+  """The program's index along grid axis `axis` (`pl.program_id`; the named grid axis of a Mosaic GPU kernel)."""
+  if backend.startswith("mosaic"):
+    return jax.lax.axis_index(_GRID_NAMES[axis])
+  return pl.program_id(axis)
+
+
+def _call(kernel, interpret, params, out_shape, grid, in_specs, out_specs, name) -> Callable:
   if not POISON:
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           interpret=interpret, compiler_params=params, name=name)
@@ -185,6 +235,12 @@ def store(ref, value, mask=None, *, backend: str, idx=...):
 def gpu_available() -> bool:
   """Whether the default JAX backend is an NVIDIA GPU the Triton backend can compile for."""
   return jax.default_backend() == "gpu"
+
+
+@functools.cache
+def hopper_available() -> bool:
+  """Whether the default JAX backend is a Hopper GPU (compute capability 9.x), which Mosaic GPU kernels need."""
+  return gpu_available() and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
 def on_gpu(x) -> bool:

@@ -1,0 +1,77 @@
+"""Weight-only matmul with K-major (N, K) weights at M <= 16: the Mosaic GPU kernel (the Mosaic GPU interpreter on
+CPU, which starts outputs as NaN; compiled with poisoned outputs on a Hopper GPU) against the dequantized weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lb
+from lowbit_jax import dispatch
+from pallas_kernels.backend import hopper_available
+from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
+
+KERNEL = "mosaic" if hopper_available() else "interpret"
+FORMATS = ["int4_g128_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym"]
+DN = (((1,), (1,)), ((), ()))
+
+
+def _operands(m, n, k, fmt, seed=0):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  w = lb.quantize(jax.random.normal(kw, (n, k), jnp.float32) * 0.1, fmt, axis=1)
+  return x, w
+
+
+def _exact_weights_dot(x, w):
+  """x @ W^T with W the bfloat16 weights `lb.dequantize` returns, products exact, float32 sums."""
+  return jnp.dot(x.astype(jnp.float32), lb.dequantize(w, jnp.bfloat16).astype(jnp.float32).T, precision="highest")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
+  # The kernel rounds v * s to bfloat16 once, as dequantize does: only the float32 summation order may differ,
+  # so the tolerance is far below a bfloat16 ulp of the weights (scaling on the float32 sum instead fails it).
+  x, w = _operands(m, 128, 512, fmt, seed=m)
+  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret")
+  ref = _exact_weights_dot(x, w)
+  assert y.shape == (m, 128) and not np.isnan(np.asarray(y)).any()
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.parametrize("split,groups", [(1, 1), (4, 1), (1, 4)])
+def test_split_k_and_slices_per_step(split, groups):
+  x, w = _operands(3, 64, 512, "int4_g128_sym", seed=7)
+  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
+                   config=Config(split=split, groups=groups, stages=2))
+  ref = _exact_weights_dot(x, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_dot_general_leading_dims_jit_and_dispatch():
+  x, w = _operands(6, 128, 256, "int4_g128_sym", seed=2)
+  x3 = x.reshape(2, 3, 256)
+  f = jax.jit(lambda x, w: lb.dot_general(x, w, (((2,), (1,)), ((), ())), backend=KERNEL))
+  y = f(x3, w)
+  assert y.shape == (2, 3, 128) and y.dtype == jnp.bfloat16
+  ref = lb.dot_general(x3, w, (((2,), (1,)), ((), ())), backend="xla")
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
+  assert dispatch.choose(None, x, w, DN, 6) == ("mosaic" if KERNEL == "mosaic" else "xla")
+
+
+def test_what_the_kernel_does_not_take():
+  x, w = _operands(17, 128, 256, "int4_g128_sym")
+  with pytest.raises(ValueError, match="M <= 16"):
+    lb.dot_general(x, w, DN, backend="interpret")
+  x, w = _operands(2, 128, 256, "mxfp4")
+  with pytest.raises(ValueError, match="symmetric int4 / int8"):
+    lb.dot_general(x, w, DN, backend="interpret")
+  x, w = _operands(2, 96, 256, "int8_channel_sym")
+  with pytest.raises(ValueError, match="multiples of 64 and 128"):
+    lb.dot_general(x, w, DN, backend="interpret")
+  x, w = _operands(2, 128, 256, "int4_g128_sym")
+  with pytest.raises(ValueError, match="its kernel is a 'mosaic' kernel"):
+    lb.dot_general(x, w, DN, backend="pallas")
+  with pytest.raises(ValueError, match="bfloat16 activations"):
+    lb.dot_general(x.astype(jnp.float16), w, DN, backend="interpret")
