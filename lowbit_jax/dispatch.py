@@ -111,6 +111,8 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if not on_gpu(lhs):
     return "xla"
   if reason:
+    if not isinstance(lhs, QArray) and m >= xla_from_m(rhs.format):
+      return "xla"  # dequantize-then-dot is the weight-only path from here on anyway: nothing to warn about
     _warn_once(reason)
     return "xla"
   if kernel == "jax_triton":
