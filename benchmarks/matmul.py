@@ -139,8 +139,7 @@ def k_major(args) -> None:
     for name in args.formats.split(","):
       qws = [lb.quantize(w.T, name, axis=1) for w in bf16_ws]
       nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
-      default = dequant_gemv_mosaic.default_config(n, k)
-      for cfg in sweep or [default]:
+      for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k)]:
         t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
                        xs, qws)
         rest = ""
@@ -150,8 +149,8 @@ def k_major(args) -> None:
           t_kn = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, kn)
           rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
           del kn
-        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
-              f"{nbytes / bw / t:.2f} | {t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
+        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages} | {t * 1e6:.1f} | "
+              f"{nbytes / t / 1e9:.0f} | {nbytes / bw / t:.2f} | {t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
       del qws
 
 

@@ -80,7 +80,7 @@ def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers) -> tuple[str | None
 
 def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   """Returns "pallas", "mosaic", "jax_triton", "interpret" or "xla" for this call."""
-  from pallas_kernels.backend import hopper_available, jax_triton_available, on_gpu
+  from pallas_kernels.backend import on_gpu
   backend = backend or "auto"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -103,10 +103,9 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
     if not on_gpu(lhs):
       raise ValueError(f"backend={backend!r} needs an NVIDIA GPU; use backend='interpret' to run the kernel's "
                        "math on this device.")
-    if backend == "mosaic" and not hopper_available():
-      raise ValueError("backend='mosaic' needs a Hopper GPU (the kernel issues wgmma).")
-    if backend == "jax_triton" and not jax_triton_available():
-      raise ValueError("backend='jax_triton' needs jax_triton and Triton: pip install 'lowbit-jax[triton]'.")
+    missing = _missing(kernel)
+    if missing:
+      raise ValueError(f"backend={backend!r} cannot run here: {missing}.")
     return backend
   if not on_gpu(lhs):
     return "xla"
@@ -115,19 +114,25 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
       return "xla"  # dequantize-then-dot is the weight-only path from here on anyway: nothing to warn about
     _warn_once(reason)
     return "xla"
-  if kernel == "jax_triton":
-    if not jax_triton_available():
-      _warn_once("block-FP8 pairs need the Triton kernel, launched by jax_triton: pip install 'lowbit-jax[triton]'")
-      return "xla"
-    return kernel
-  if kernel == "mosaic":
-    if not hopper_available():
-      _warn_once("the K-major weight kernel issues wgmma, a Hopper instruction; this GPU runs dequantize-then-dot")
-      return "xla"
+  missing = _missing(kernel)
+  if missing:
+    _warn_once(missing)
+    return "xla"
+  if kernel in ("jax_triton", "mosaic"):
     return kernel
   if isinstance(lhs, QArray):
     return "pallas" if m >= INT8_KERNEL_FROM_M else "xla"
   return "xla" if m >= xla_from_m(rhs.format) else "pallas"
+
+
+def _missing(kernel: str) -> str | None:
+  """What this machine lacks for `kernel` (a GPU is given), or None."""
+  from pallas_kernels.backend import hopper_available, jax_triton_available
+  if kernel == "jax_triton" and not jax_triton_available():
+    return "block-FP8 pairs need the Triton kernel, launched by jax_triton: pip install 'lowbit-jax[triton]'"
+  if kernel == "mosaic" and not hopper_available():
+    return "the K-major weight kernel issues wgmma, a Hopper instruction; this GPU runs dequantize-then-dot"
+  return None
 
 
 def xla_from_m(fmt) -> int:

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "call", "div_by", "div_rn", "dot", "gpu_available", "hopper_available", "in_bounds", "jax_triton_available", "load",
-           "on_gpu", "program_id", "store", "tile_mask", "triton_call"]
+__all__ = ["BACKENDS", "byte_bits", "call", "div_by", "div_rn", "dot", "gpu_available", "hopper_available", "in_bounds",
+           "jax_triton_available", "load", "on_gpu", "program_id", "store", "tile_mask", "triton_call"]
 
 BACKENDS = ("triton", "interpret", "mosaic", "mosaic_interpret")
 
@@ -47,11 +47,11 @@ def _compiler_params(backend: str, num_warps: int, num_stages: int) -> Any:
 
 def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs, num_warps: int = 4,
          num_stages: int = 3, name: str | None = None) -> Callable:
-  """`pl.pallas_call` for `backend` (one of BACKENDS).
+  """`pl.pallas_call` for `backend` (one of BACKENDS); `plgpu.kernel` for the Mosaic GPU ones.
 
   Mosaic GPU kernels ("mosaic", "mosaic_interpret") take every operand in global memory (in_specs and out_specs
-  None), move tiles themselves and read their grid position through `program_id`; num_warps and num_stages are
-  Triton's.
+  None), move tiles themselves and read their grid position through `program_id`; num_warps, num_stages and
+  name apply to the Pallas-Triton kernels only.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -189,6 +189,12 @@ def div_by(x, d, r, *, backend: str):
     res = _asm("{ .reg .f32 t; neg.f32 t, $1; fma.rn.f32 $0, t, $2, $3; }", q, d, x)  # x - q * d, rounded once
     q = _asm("fma.rn.f32 $0, $1, $2, $3;", res, r, q)
   return q
+
+
+def byte_bits(a: jax.Array) -> jax.Array:
+  """A 1-byte array (float8, int8) as its uint8 bits, other arrays as they are: kernels load 8-bit operands as
+  uint8 (masked float8 loads with a fill value did not lower correctly on Triton) and reinterpret the bits."""
+  return jax.lax.bitcast_convert_type(a, jnp.uint8) if a.dtype.itemsize == 1 else a
 
 
 def load(ref, idx, mask=None, other=None, *, backend: str):

@@ -199,12 +199,7 @@ def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "t
   kq = w.data.shape[0] // b * p  # K as stored: padded to whole blocks and packing groups
   kp = -(-kq // k_multiple(fmt)) * k_multiple(fmt)
   data, scale, zero = w.data, w.scale, w.zero_point
-  # 8-bit codes and scales travel as uint8 (a free bitcast): masked loads then fill with a plain 0, and the
-  # kernel reinterprets the bits (float8 masked loads with a fill value did not lower correctly on Triton).
-  if data.dtype.itemsize == 1:
-    data = lax.bitcast_convert_type(data, jnp.uint8)
-  if scale.dtype.itemsize == 1:
-    scale = lax.bitcast_convert_type(scale, jnp.uint8)
+  data, scale = _backend.byte_bits(data), _backend.byte_bits(scale)  # masked loads fill with a plain 0
   if kp != kq:  # an odd K (fp6 with K % 64, per-channel int4): zero rows cost a copy of the weight
     data = jnp.pad(data, ((0, (kp - kq) // p * b), (0, 0)))
     if fmt.block is not None:

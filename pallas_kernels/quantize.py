@@ -314,11 +314,6 @@ def _scaled(v, s, fmt: Format, g=None, z=None):
   return s * (v - z) if z is not None else v * s
 
 
-def _scale_operand(scale: jax.Array) -> jax.Array:
-  """Float8 scales travel as uint8 bits (masked float8 loads with a fill value did not lower on Triton)."""
-  return lax.bitcast_convert_type(scale, jnp.uint8) if scale.dtype.itemsize == 1 else scale
-
-
 def _scale_tile(sbits):
   return sbits.astype(jnp.int32) if sbits.dtype == jnp.uint8 else sbits.astype(jnp.float32)
 
@@ -358,7 +353,7 @@ def dequantize_rows(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
     raise ValueError(f"data has shape {data.shape}; scale {scale.shape} needs {(rows, cols // per_byte)}.")
   ct = _col_tile(cols, block_cols)
   args, in_specs = _with_tensor_scale(
-      fmt, tensor_scale, [lax.bitcast_convert_type(data, jnp.uint8), _scale_operand(scale)],
+      fmt, tensor_scale, [_backend.byte_bits(data), _backend.byte_bits(scale)],
       [pl.BlockSpec((block_rows, ct // per_byte), lambda i, j: (i, j)),
        pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))])
   kernel = functools.partial(_dequantize_kernel, fmt=fmt, rows=rows, backend=backend)
@@ -442,7 +437,7 @@ def dequantize_cols(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=
   tr = max(block_rows, block)
   ct = min(block_cols, pl.next_power_of_2(cols))
   num_warps = num_warps or max(4, tr * ct // 4096)
-  operands = [lax.bitcast_convert_type(data, jnp.uint8), _scale_operand(scale)]
+  operands = [_backend.byte_bits(data), _backend.byte_bits(scale)]
   in_specs = [pl.BlockSpec((tr // p * nbytes, ct), lambda i, j: (i, j)),
               pl.BlockSpec((tr // block, ct), lambda i, j: (i, j))]
   if zero_point is not None:

@@ -60,18 +60,14 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   assert dispatch.choose(None, x, w, DN, 6) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
 
-def test_what_the_kernel_does_not_take():
-  x, w = _operands(17, 128, 256, "int4_g128_sym")
-  with pytest.raises(ValueError, match="M <= 16"):
-    lb.dot_general(x, w, DN, backend="interpret")
-  x, w = _operands(2, 128, 256, "mxfp4")
-  with pytest.raises(ValueError, match="symmetric int4 / int8"):
-    lb.dot_general(x, w, DN, backend="interpret")
-  x, w = _operands(2, 96, 256, "int8_channel_sym")
-  with pytest.raises(ValueError, match="multiples of 64 and 128"):
-    lb.dot_general(x, w, DN, backend="interpret")
-  x, w = _operands(2, 128, 256, "int4_g128_sym")
-  with pytest.raises(ValueError, match="its kernel is a 'mosaic' kernel"):
-    lb.dot_general(x, w, DN, backend="pallas")
-  with pytest.raises(ValueError, match="bfloat16 activations"):
-    lb.dot_general(x.astype(jnp.float16), w, DN, backend="interpret")
+@pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
+    (17, 128, "int4_g128_sym", jnp.bfloat16, "interpret", "M <= 16"),
+    (2, 128, "mxfp4", jnp.bfloat16, "interpret", "symmetric int4 / int8"),
+    (2, 96, "int8_channel_sym", jnp.bfloat16, "interpret", "multiples of 64 and 128"),
+    (2, 128, "int4_g128_sym", jnp.bfloat16, "pallas", "its kernel is a 'mosaic' kernel"),
+    (2, 128, "int4_g128_sym", jnp.float16, "interpret", "bfloat16 activations"),
+])
+def test_what_the_kernel_does_not_take(m, n, fmt, dtype, backend, match):
+  x, w = _operands(m, n, 256, fmt)
+  with pytest.raises(ValueError, match=match):
+    lb.dot_general(x.astype(dtype), w, DN, backend=backend)
