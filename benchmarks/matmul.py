@@ -9,7 +9,7 @@ Usage:
   python benchmarks/matmul.py [--shapes 8192x8192,28672x8192] [--ms 1,16,64] [--formats mxfp4,int4_g128_sym]
   python benchmarks/matmul.py --sweep 16:64:256:4:4,16:128:128:4:3 ...   # time kernel tile configs instead
   python benchmarks/matmul.py --pairs int8_channel_sym:int8_channel_sym,mxfp8_e4m3:mxfp8_e4m3 --ms 2048,8192
-  python benchmarks/matmul.py --k-major --ms 1,16 [--sweep 2:2:4,4:2:4]   # K-major weights: the Mosaic GPU kernel
+  python benchmarks/matmul.py --k-major --ms 1,16 [--sweep 2:2:4:2,4:2:4:1]   # K-major weights: the Mosaic GPU kernel
 Shapes are N x K (output features x input features). `--pairs act:weight,...` times matmuls with both operands
 quantized: pre-quantized, and with the activation quantized inside the call (`act_format`), against XLA bf16.
 """
@@ -124,12 +124,12 @@ def main() -> None:
 def k_major(args) -> None:
   """Weight-only with K-major (N, K) weights, the layout of the Mosaic GPU kernel (M <= 16): its time, fraction of
   the bandwidth floor and speed-ups over XLA bf16, XLA dequantize-then-dot and the Pallas-Triton kernel on the same
-  weights stored (K, N), all from this run. `--sweep split:groups:stages,...` times kernel configs instead."""
+  weights stored (K, N), all from this run. `--sweep split:groups:stages:tiles,...` times kernel configs instead."""
   bw = copy_bandwidth()
   print(header())
   print(f"device copy: {bw / 1e9:.0f} GB/s; floor = bytes / copy bandwidth\n")
   sweep = [dequant_gemv_mosaic.Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
-  print("| format | M | N | K | split:groups:stages | kernel us | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
+  print("| format | M | N | K | split:groups:stages:tiles | kernel us | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
         "vs (K, N) Triton kernel |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   dn = (((1,), (1,)), ((), ()))
@@ -139,7 +139,8 @@ def k_major(args) -> None:
     for name in args.formats.split(","):
       qws = [lb.quantize(w.T, name, axis=1) for w in bf16_ws]
       nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
-      for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k)]:
+      bits = qws[0].format.element_type.bits
+      for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k, bits)]:
         t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
                        xs, qws)
         rest = ""
@@ -149,7 +150,7 @@ def k_major(args) -> None:
           t_kn = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, kn)
           rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
           del kn
-        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages} | {t * 1e6:.1f} | "
+        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages}:{cfg.tiles} | {t * 1e6:.1f} | "
               f"{nbytes / t / 1e9:.0f} | {nbytes / bw / t:.2f} | {t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
       del qws
 

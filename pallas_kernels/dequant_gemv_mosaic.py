@@ -6,11 +6,13 @@ canonical storage of REFERENCE section 3: int4 codes two per byte, low nibble fi
 per channel.
 
 Swap-AB: out^T (N, 16) = W (N, K) @ x^T (K, 16), x padded to 16 rows (the narrowest activation tile TMA swizzles).
-A program owns BN = 64 weight rows (the wgmma M) and a 1/split slice of K. Per pipeline step (`groups` slices of
-128 along K) TMA brings each slice's (64, 128) code tile, the slices' rows of scales and the (128 * groups, 16)
-activation tile into shared memory; each code tile is widened to bfloat16 in registers, multiplied by its scales
-(one bfloat16 rounding of v * s, which is exactly the weight `lowbit_jax.dequantize` returns) and fed to wgmma as
-its register operand, accumulating in float32. The (split, N, 16) float32 partials are summed by XLA. Unlike the
+A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
+slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
+(128 * groups, 16) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
+registers (int4: 8 codes per 32-bit load, K relabelled within every 32 and the activations to match, see
+`_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
+`lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. The
+(split, N, 16) float32 partials are summed by XLA. Unlike the
 Pallas-Triton kernel of dequant_matmul.py, the weights stream through TMA into shared memory instead of per-thread
 loads, which is what bound that kernel at small M (BENCHMARKS.md).
 """
@@ -37,24 +39,27 @@ _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """split: programs sharing one 64-row tile, each over 1/split of K (their float32 partials are summed after);
-  groups: 128-wide K slices per pipeline step (one TMA copy and one wgmma each, a single wait per step);
-  stages: pipeline steps in flight (shared-memory buffers per operand)."""
+  """split: programs sharing one row tile, each over 1/split of K (their float32 partials are summed after);
+  groups: 128-wide K slices per pipeline step (one wgmma each, a single wait per step; int4 codes travel in TMA
+  boxes of two where `groups` is even); stages: pipeline steps in flight (shared-memory buffers per operand); tiles: 64-row wgmma
+  tiles per program (one accumulator each, sharing the activation tile)."""
   split: int = 1
   groups: int = 2
   stages: int = 4
+  tiles: int = 1
 
 
-def default_config(n: int, k: int) -> Config:
-  """Two 128-wide slices per step, and K split until the launch has about eight programs per SM (at most 8 ways,
-  within whole steps). The H100 sweep (BENCHMARKS.md) found every split of 2-8, 1-4 slices and 3-6 stages within
-  10% of each other; one program per SM was slowest."""
-  cfg = Config()
-  groups = cfg.groups if k % (_TK * cfg.groups) == 0 else 1
+def default_config(n: int, k: int, bits: int = 4) -> Config:
+  """Two 128-wide slices per step and 4 stages. int4: two row tiles per program and K split until about two
+  programs per SM; int8: one row tile and K split until about eight programs per SM (at most 8 ways). From the
+  H100 sweep in BENCHMARKS.md: two row tiles gained up to 6% for int4 and lost up to 7% for int8; splits that
+  keep every SM busy are within 5% of each other; four slices per step lost up to 60%."""
+  groups = 2 if k % (2 * _TK) == 0 else 1
+  tiles, programs, cap = (2, 2, 16) if bits == 4 and n % (2 * _BN) == 0 else (1, 8, 8)
   split = 1
-  while n // _BN * split < 8 * 132 and split < 8 and k % (_TK * groups * split * 2) == 0:
+  while n // (_BN * tiles) * split < programs * 132 and split < cap and k % (_TK * groups * split * 2) == 0:
     split *= 2
-  return dataclasses.replace(cfg, split=split, groups=groups)
+  return Config(split=split, groups=groups, stages=4, tiles=tiles)
 
 
 def supports(fmt: Format, n: int, k: int) -> str | None:
@@ -71,60 +76,125 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
   return None
 
 
-def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, steps: int, groups: int, stages: int, backend: str):
+def _relabel_k(a: jax.Array, axis: int) -> jax.Array:
+  """`a` with `axis` (a multiple of 32) reordered the way `_widen` lays out an int4 tile: within every 32, logical
+  position 8j + 2t + e holds physical position 8t + 4e + j (j, t < 4; e < 2)."""
+  a = jnp.moveaxis(a, axis, 0)
+  k, rest = a.shape[0], a.shape[1:]
+  a = a.reshape(k // 32, 4, 2, 4, *rest).transpose(0, 3, 1, 2, *range(4, 4 + len(rest)))
+  return jnp.moveaxis(a.reshape(k, *rest), 0, axis)
+
+
+def _widen(w_smem, bits: int, interpret: bool) -> list[jax.Array]:
+  """A (64, box) code tile in shared memory as bfloat16 codes in the wgmma register layout, one (64, 128) array
+  per 128 columns.
+
+  int8 codes convert in place. int4 codes are loaded 8 to a 32-bit register (where the wgmma layout would take 2
+  codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
+  layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's 8-column tile, t the thread's column pair).
+  That relabels K within every 32 (`_relabel_k`); the caller applies the same relabelling to the activations,
+  which leaves the dot product unchanged and saves the shuffles a true relayout would take.
+  """
+  box = w_smem.shape[1]
+  if bits == 8:
+    return [w_smem[...].astype(jnp.bfloat16)]
+  if interpret:  # the same relabelling, as array ops
+    a = _relabel_k(w_smem[...].astype(jnp.bfloat16), axis=1)
+    return [a[:, i:i + _TK] for i in range(0, box, _TK)]
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  codes = plgpu.load(w_smem, None, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+  part = plgpu.ShapeDtypeStruct((_BN, _TK), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+  return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=[part] * (box // _TK))(
+      _int4_pairs)(codes)
+
+
+def _int4_pairs(_, codes):
+  """Mosaic GPU (lane level): int4 codes in the WGMMA_UPCAST_4X layout, 8 per register, to bf16 in the WGMMA
+  layout as `_widen` describes, split into 128-column arrays. Per pair: shift nibble j (and j + 4) to bits 0 and
+  16, OR them into the mantissa of 0x4300 (128.0) with the sign bit flipped (lop3 (a & b) ^ c), giving 136 + q
+  exactly, then subtract 136."""
+  import numpy as np
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import llvm
+  i32 = ir.IntegerType.get_signless(32)
+  pair = ir.VectorType.get((2,), ir.BF16Type.get())
+  out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(codes.shape), dtype=object)
+  for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
+    word = utils.bitcast(reg, i32)
+    for j in range(4):
+      shift = f"shr.u32 t, $1, {4 * j};" if j else "mov.b32 t, $1;"
+      bf16x2 = llvm.inline_asm(
+          i32, [word], "{ .reg .b32 t, m; " + shift + " lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6A; "
+          "mov.b32 m, 0x43084308; sub.bf16x2 $0, t, m; }", "=r,r")
+      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(bf16x2, pair)
+  per = _TK // 8  # 8-column register tiles per 128 columns
+  return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+          for i in range(0, out.shape[1], per)]
+
+
+def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, steps: int, groups: int, stages: int, tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   ni, si = _backend.program_id(0, backend=backend), _backend.program_id(1, backend=backend)
   k0 = si * steps
   bits = jnp.iinfo(w_gmem.dtype).bits
+  # Code columns per TMA box: 128-byte rows (the widest swizzle) where a step holds whole ones, else 128.
+  box = 1024 // bits if (groups * _TK) % (1024 // bits) == 0 else _TK
+  w_sw = box * bits // 8
+  boxes = groups * _TK // box
+  bn = _BN * tiles
   mp = x_gmem.shape[1]
-  w_sw, x_sw = plgpu.find_swizzle(_TK * bits, "lhs"), plgpu.find_swizzle(mp * 16, "rhs")
+  x_sw = plgpu.find_swizzle(mp * 16, "rhs")
   per_channel = s_gmem.shape[0] == 1
 
-  def step(_, *refs, acc_ref, a_smem):
-    w_smems, (s_smem, x_smem) = refs[:groups], refs[groups:]
-    for j, w_smem in enumerate(w_smems):
-      a = w_smem[...].astype(jnp.bfloat16)
-      row = 0 if per_channel else j
-      if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory only
-        s = s_smem[row]
-      else:
-        s = plgpu.load(s_smem, (row,), layout=plgpu.Layout.WGMMA.reduce(1))
-      a = a * lax.broadcast_in_dim(s, a.shape, [0])
-      if interpret:
-        a_smem[0][...] = a
-        a = a_smem[0]
-      plgpu.wgmma(acc_ref, a, x_smem.at[pl.ds(j * _TK, _TK)])
+  def step(_, *refs, accs, a_smem):
+    w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
+    for r, acc_ref in enumerate(accs):
+      rows = pl.ds(r * _BN, _BN)
+      for b, w_smem in enumerate(w_smems):
+        for h, a in enumerate(_widen(w_smem.at[rows], bits, interpret)):
+          j = b * (box // _TK) + h  # the 128-wide slice of this step
+          row = 0 if per_channel else j
+          if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
+            s = s_smem[row, rows]
+          else:
+            s = plgpu.load(s_smem.at[row, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
+          a = a * lax.broadcast_in_dim(s, a.shape, [0])
+          if interpret:
+            a_smem[0][...] = a
+            a = a_smem[0]
+          plgpu.wgmma(acc_ref, a, x_smem.at[pl.ds(j * _TK, _TK)])
     plgpu.wgmma_wait(0)
 
-  # Each 128-wide slice of a step has its own code tile (a TMA box of one swizzle width), so the register loads
-  # never split a swizzled row.
-  w_specs = [plgpu.BlockSpec((_BN, _TK), lambda kk, j=j: (ni, (k0 + kk) * groups + j),
-                             transforms=(plgpu.TilingTransform((8, w_sw * 8 // bits)), plgpu.SwizzleTransform(w_sw)))
-             for j in range(groups)]
+  w_spec = lambda b: plgpu.BlockSpec(
+      (bn, box), lambda kk: (ni, (k0 + kk) * boxes + b),
+      transforms=(plgpu.TilingTransform((8, box)), plgpu.SwizzleTransform(w_sw)))
 
-  def acc_scope(acc_ref, *a_smem):
+  def acc_scope(*accs, a_smem):
     plgpu.emit_pipeline(
-        functools.partial(step, acc_ref=acc_ref, a_smem=a_smem), grid=(steps,),
+        functools.partial(step, accs=accs, a_smem=a_smem), grid=(steps,),
         in_specs=[
-            *w_specs,
-            plgpu.BlockSpec((1, _BN) if per_channel else (groups, _BN), lambda kk: (0 if per_channel else k0 + kk, ni)),
+            *map(w_spec, range(boxes)),
+            plgpu.BlockSpec((1, bn) if per_channel else (groups, bn), lambda kk: (0 if per_channel else k0 + kk, ni)),
             plgpu.BlockSpec((_TK * groups, mp), lambda kk: (k0 + kk, 0),
                             transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
         ],
-        max_concurrent_steps=stages)(*[w_gmem] * groups, s_gmem, x_gmem)
-    return acc_ref[...]
+        max_concurrent_steps=stages)(*[w_gmem] * boxes, s_gmem, x_gmem)
+    return [acc_ref[...] for acc_ref in accs]
 
   def with_stash(*a_smem):  # (the interpreter's shared-memory copy of the A operand: its own scope)
-    return pl.run_scoped(lambda acc_ref: acc_scope(acc_ref, *a_smem), plgpu.ACC((_BN, mp)))
+    return pl.run_scoped(functools.partial(acc_scope, a_smem=a_smem), *[plgpu.ACC((_BN, mp))] * tiles)
 
-  acc = pl.run_scoped(with_stash, plgpu.SMEM((_BN, _TK), jnp.bfloat16)) if interpret else with_stash()
+  accs = pl.run_scoped(with_stash, plgpu.SMEM((_BN, _TK), jnp.bfloat16)) if interpret else with_stash()
 
-  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((_BN, mp), jnp.float32))
+  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, mp), jnp.float32))
   def _store(o_smem):
-    o_smem[...] = acc
+    for r, acc in enumerate(accs):
+      o_smem[pl.ds(r * _BN, _BN)] = acc
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * _BN, _BN)])
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -147,19 +217,22 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     raise ValueError(f"dequant_gemv: x must be (M <= {MAX_M}, K = {k}), got {x.shape}.")
   if x.dtype != jnp.bfloat16:
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
-  cfg = config or default_config(n, k)
-  if k % (_TK * cfg.groups * cfg.split):
-    raise ValueError(f"dequant_gemv: K = {k} does not split {cfg.split} ways into steps of {cfg.groups} x {_TK}.")
+  cfg = config or default_config(n, k, fmt.element_type.bits)
+  if k % (_TK * cfg.groups * cfg.split) or n % (_BN * cfg.tiles):
+    raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
+                     f"{_BN * cfg.tiles} rows per program).")
   data = w.data
   if fmt.element_type.bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(data, jnp.int4).reshape(n, k)
   else:
     data = lax.bitcast_convert_type(data, jnp.int8)
   xt = jnp.pad(x, ((0, MAX_M - m), (0, 0))).T  # (K, 16): the wgmma B operand
+  if fmt.element_type.bits == 4:
+    xt = _relabel_k(xt, axis=0)  # K in the order _widen gives the int4 codes
   kernel = functools.partial(_kernel, steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups,
-                             stages=cfg.stages, backend=backend)
+                             stages=cfg.stages, tiles=cfg.tiles, backend=backend)
   parts = _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, n, MAX_M), jnp.float32),
-      grid=(n // _BN, cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
+      grid=(n // (_BN * cfg.tiles), cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
           data, w.scale.T, xt)
   return jnp.sum(parts, axis=0).T[:m].astype(out_dtype or x.dtype)

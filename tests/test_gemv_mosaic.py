@@ -40,11 +40,12 @@ def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@pytest.mark.parametrize("split,groups", [(1, 1), (4, 1), (1, 4)])
-def test_split_k_and_slices_per_step(split, groups):
-  x, w = _operands(3, 64, 512, "int4_g128_sym", seed=7)
+@pytest.mark.parametrize("split,groups,tiles", [(1, 1, 1), (4, 1, 1), (1, 4, 2), (2, 2, 2)])
+def test_split_k_slices_per_step_and_row_tiles(split, groups, tiles):
+  # Odd `groups` take the int4 codes in 64-byte boxes, even ones in 128-byte boxes of two slices.
+  x, w = _operands(3, 128, 512, "int4_g128_sym", seed=7)
   y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
-                   config=Config(split=split, groups=groups, stages=2))
+                   config=Config(split=split, groups=groups, stages=2, tiles=tiles))
   ref = _exact_weights_dot(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
