@@ -129,8 +129,8 @@ def k_major(args) -> None:
   print(header())
   print(f"device copy: {bw / 1e9:.0f} GB/s; floor = bytes / copy bandwidth\n")
   sweep = [dequant_gemv_mosaic.Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
-  print("| format | M | N | K | split:groups:stages:tiles | kernel us | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
-        "vs (K, N) Triton kernel |")
+  print("| format | M | N | K | split:groups:stages:tiles | kernel us | GB/s | of floor | vs bf16 dot | "
+        "vs dequant+dot | vs (K, N) Triton kernel |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   dn = (((1,), (1,)), ((), ()))
   backend = "mosaic" if args.backend == "pallas" else "mosaic_interpret"

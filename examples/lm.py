@@ -220,11 +220,12 @@ def agreement(ref_logits: jax.Array, logits: jax.Array) -> tuple[float, float]:
   return float(top1), float(kl)
 
 
-def quantized_copy(model: Transformer, rules, backend: str | None = None) -> Transformer:
-  """A copy of `model` (sharing its arrays) with `quantize_model(rules)` applied; `model` is unchanged."""
+def quantized_copy(model: Transformer, rules, backend: str | None = None, k_major: bool = False) -> Transformer:
+  """A copy of `model` (sharing its arrays) with `quantize_model(rules)` applied; `model` is unchanged.
+  `k_major` holds the linear layers' kernels (out, in), the layout of the Mosaic GPU decode kernel."""
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, state)
-  quantize_model(copy, rules, backend=backend, verbose=False)
+  quantize_model(copy, rules, backend=backend, k_major=k_major, verbose=False)
   return copy
 
 

@@ -40,9 +40,9 @@ _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 @dataclasses.dataclass(frozen=True)
 class Config:
   """split: programs sharing one row tile, each over 1/split of K (their float32 partials are summed after);
-  groups: 128-wide K slices per pipeline step (one wgmma each, a single wait per step; int4 codes travel in TMA
-  boxes of two where `groups` is even); stages: pipeline steps in flight (shared-memory buffers per operand); tiles: 64-row wgmma
-  tiles per program (one accumulator each, sharing the activation tile)."""
+  groups: 128-wide K slices per pipeline step (one wgmma each, a single wait per step; int4 codes travel in
+  TMA boxes of two where `groups` is even); stages: pipeline steps in flight (shared-memory buffers per
+  operand); tiles: 64-row wgmma tiles per program (one accumulator each, sharing the activation tile)."""
   split: int = 1
   groups: int = 2
   stages: int = 4

@@ -86,6 +86,25 @@ def test_qlinear_from_float_matches_linear_on_dequantized_weights():
   assert qb(x).dtype == jnp.bfloat16
 
 
+def test_k_major_layers_hold_the_transposed_kernel_and_compute_the_same():
+  lin = nnx.Linear(256, 64, **KW)
+  q, qk = QLinear.from_float(lin, "int4_g128_sym"), QLinear.from_float(lin, "int4_g128_sym", k_major=True)
+  w, wk = q.kernel.get_value(), qk.kernel.get_value()
+  assert wk.shape == (64, 256) and wk.axis == 1
+  eq(lb.dequantize(wk), lb.dequantize(w).T)  # same blocks, transposed
+  x = normal(1, (2, 3, 256))
+  eq(qk(x), lb.dot_general(x, wk, (((2,), (1,)), ((), ()))) + lin.bias.get_value())
+  np.testing.assert_allclose(qk(x), q(x), rtol=1e-5, atol=1e-5)
+  lg = nnx.LinearGeneral((2, 128), 64, axis=(-2, -1), **KW)
+  g, gk = QLinearGeneral.from_float(lg, "int8_channel_sym"), QLinearGeneral.from_float(lg, "int8_channel_sym",
+                                                                                      k_major=True)
+  assert gk.kernel.get_value().shape == (64, 256)
+  np.testing.assert_allclose(gk(x.reshape(2, 3, 2, 128)), g(x.reshape(2, 3, 2, 128)), rtol=1e-5, atol=1e-5)
+  model = TinyLM(nnx.Rngs(0))
+  quantize_model(model, {"layers": "int8_channel_sym"}, k_major=True, verbose=False)
+  assert model.layers[0].mlp.k_major and model.layers[0].mlp.kernel.get_value().shape == (128, 64)
+
+
 def test_qlinear_general_and_einsum_equal_dot_general():
   lg = nnx.LinearGeneral((4, 16), (2, 8), axis=(-2, -1), **KW)
   q = QLinearGeneral.from_float(lg, "mxfp4")

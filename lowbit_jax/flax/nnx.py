@@ -66,9 +66,13 @@ def _formats(weight_format, activation_format, length: int, prefix: str):
           None if activation_format is None else _format(activation_format, length, f"{prefix}activation_format"))
 
 
-def _kernel(w: jax.Array, fmt: Format, axis: int, qat: bool, metadata) -> nnx.Variable:
+def _kernel(w: jax.Array, fmt: Format, axis: int, qat: bool, metadata, k_major: bool = False) -> nnx.Variable:
+  """The kernel variable: `w` as a float Param (QAT), else quantized along `axis`; `k_major` stores a 2-D (in, out)
+  kernel transposed, (out, in) quantized along axis 1."""
   if qat:
     return nnx.Param(w, **metadata)
+  if k_major:
+    return QParam(quantize(w.T, fmt, axis=1), **metadata)
   return QParam(quantize(w, fmt, axis=axis), **metadata)
 
 
@@ -102,19 +106,23 @@ class _QLayer(nnx.Module):
     return x if self.activation_format is None else fake_quant(x, self.activation_format, axis=axis)
 
   def _matmul(self, x, out_sharding):
-    """x (..., in) @ kernel (in, out). With an activation format (not in QAT) x is quantized inside the call and
-    the quantized pair runs (the int8 kernel for A8W8 on a GPU); in QAT the activation is fake-quantized."""
+    """x (..., in) @ kernel (in, out), or x @ kernel.T for a K-major (out, in) kernel. With an activation format
+    (not in QAT) x is quantized inside the call and the quantized pair runs (the int8 kernel for A8W8 on a GPU);
+    in QAT the activation is fake-quantized."""
     act = None if self.qat else self.activation_format
     if act is None:
       x = self._activation(x)
-    return dot_general(x, self._weight(0, x.dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision,
+    k_axis = 1 if self.k_major and not self.qat else 0
+    return dot_general(x, self._weight(0, x.dtype), (((x.ndim - 1,), (k_axis,)), ((), ())), precision=self.precision,
                        preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
                        backend=self.backend, act_format=act)
 
 
 class QLinear(_QLayer):
   """`nnx.Linear` with a quantized kernel: y = x @ w + b for x (..., in_features) and w (in_features,
-  out_features) quantized along axis 0.
+  out_features) quantized along axis 0, or with `k_major=True` held as w.T (out_features, in_features) quantized
+  along axis 1: contiguous along the contraction, the layout of the Mosaic GPU decode kernel (Hopper, int4 / int8
+  weights, at most 16 rows per call). Either way the layer computes the same values.
 
   Example:
     >>> import jax.numpy as jnp
@@ -128,7 +136,8 @@ class QLinear(_QLayer):
   """
 
   def __init__(self, in_features: int, out_features: int, *, weight_format: str | Format,
-               activation_format: str | Format | None = None, qat: bool = False, use_bias: bool = True,
+               activation_format: str | Format | None = None, qat: bool = False, k_major: bool = False,
+               use_bias: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                kernel_init: nnx.Initializer = default_kernel_init, bias_init: nnx.Initializer = default_bias_init,
                promote_dtype: Any = dtypes.promote_dtype, preferred_element_type: Any = None,
@@ -137,21 +146,23 @@ class QLinear(_QLayer):
     self.weight_format, self.activation_format = _formats(weight_format, activation_format, in_features,
                                                           "QLinear ")
     w = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
-    self.kernel = _kernel(w, self.weight_format, 0, qat, kernel_metadata)
+    self.kernel = _kernel(w, self.weight_format, 0, qat, kernel_metadata, k_major)
     self.bias = (_bias(rngs, bias_init, (out_features,), param_dtype, bias_metadata) if use_bias
                  else nnx.data(None))
     self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
-    self.qat, self.dtype, self.param_dtype, self.precision = qat, dtype, param_dtype, precision
+    self.qat, self.k_major, self.dtype, self.param_dtype = qat, k_major, dtype, param_dtype
+    self.precision = precision
     self.promote_dtype, self.preferred_element_type, self.backend = promote_dtype, preferred_element_type, backend
 
   @classmethod
   def from_float(cls, layer: nnx.Linear | QLinear, weight_format: str | Format, *,
-                 activation_format: str | Format | None = None, qat: bool = False,
+                 activation_format: str | Format | None = None, qat: bool = False, k_major: bool = False,
                  backend: str | None = None) -> QLinear:
     """A QLinear holding `layer`'s weights (an `nnx.Linear`, or a QLinear in QAT mode)."""
     bias = layer.bias.get_value() if layer.bias is not None else None
     return cls(layer.in_features, layer.out_features, weight_format=weight_format,
-               activation_format=activation_format, qat=qat, use_bias=bias is not None, dtype=layer.dtype,
+               activation_format=activation_format, qat=qat, k_major=k_major, use_bias=bias is not None,
+               dtype=layer.dtype,
                param_dtype=layer.param_dtype, precision=layer.precision,
                kernel_init=_value_init(layer.kernel.get_value()), bias_init=_value_init(bias),
                promote_dtype=layer.promote_dtype, preferred_element_type=layer.preferred_element_type,
@@ -172,7 +183,8 @@ class QLinearGeneral(_QLayer):
 
   The kernel is held flattened as a 2-D (prod(in_features), prod(out_features)) QArray quantized along axis 0
   (blocks run along the flattened contraction axis; per-channel means one scale per output over all of it), so
-  the weight-only GPU kernel applies. `batch_axis` is not supported.
+  the weight-only GPU kernels apply; `k_major=True` holds it transposed, as `QLinear` does. `batch_axis` is not
+  supported.
 
   Example:
     >>> import jax.numpy as jnp
@@ -185,9 +197,10 @@ class QLinearGeneral(_QLayer):
 
   def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
                weight_format: str | Format, activation_format: str | Format | None = None, qat: bool = False,
-               axis: int | Sequence[int] = -1, batch_axis: Mapping[int, int] = _EMPTY, use_bias: bool = True,
-               dtype: Any = None, param_dtype: Any = jnp.float32, kernel_init: nnx.Initializer = default_kernel_init,
-               bias_init: nnx.Initializer = default_bias_init, precision: Any = None,
+               k_major: bool = False, axis: int | Sequence[int] = -1, batch_axis: Mapping[int, int] = _EMPTY,
+               use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
+               kernel_init: nnx.Initializer = default_kernel_init, bias_init: nnx.Initializer = default_bias_init,
+               precision: Any = None,
                promote_dtype: Any = dtypes.promote_dtype, preferred_element_type: Any = None,
                backend: str | None = None, rngs: nnx.Rngs, kernel_metadata: Mapping[str, Any] = _EMPTY,
                bias_metadata: Mapping[str, Any] = _EMPTY):
@@ -201,16 +214,16 @@ class QLinearGeneral(_QLayer):
     self.weight_format, self.activation_format = _formats(weight_format, activation_format, k, "QLinearGeneral ")
     # nnx.LinearGeneral draws its kernel flattened to 2-D too, so the same initializer gives the same weights.
     w = kernel_init(rngs.params(), (k, n), param_dtype)
-    self.kernel = _kernel(w, self.weight_format, 0, qat, kernel_metadata)
+    self.kernel = _kernel(w, self.weight_format, 0, qat, kernel_metadata, k_major)
     self.bias = (_bias(rngs, lambda key, s, d: bias_init(key, (n,), d).reshape(s), self.out_features,
                        param_dtype, bias_metadata) if use_bias else nnx.data(None))
-    self.use_bias, self.qat, self.dtype, self.param_dtype = use_bias, qat, dtype, param_dtype
+    self.use_bias, self.qat, self.k_major, self.dtype, self.param_dtype = use_bias, qat, k_major, dtype, param_dtype
     self.precision, self.promote_dtype = precision, promote_dtype
     self.preferred_element_type, self.backend = preferred_element_type, backend
 
   @classmethod
   def from_float(cls, layer: nnx.LinearGeneral | QLinearGeneral, weight_format: str | Format, *,
-                 activation_format: str | Format | None = None, qat: bool = False,
+                 activation_format: str | Format | None = None, qat: bool = False, k_major: bool = False,
                  backend: str | None = None) -> QLinearGeneral:
     """A QLinearGeneral holding `layer`'s weights (an `nnx.LinearGeneral` without batch axes, or a
     QLinearGeneral in QAT mode)."""
@@ -220,7 +233,8 @@ class QLinearGeneral(_QLayer):
     w = layer.kernel.get_value()
     w = w.reshape(math.prod(layer.in_features), -1)
     return cls(layer.in_features, layer.out_features, weight_format=weight_format,
-               activation_format=activation_format, qat=qat, axis=layer.axis, use_bias=bias is not None,
+               activation_format=activation_format, qat=qat, k_major=k_major, axis=layer.axis,
+               use_bias=bias is not None,
                dtype=layer.dtype, param_dtype=layer.param_dtype, kernel_init=_value_init(w),
                bias_init=_value_init(bias), precision=layer.precision, promote_dtype=layer.promote_dtype,
                preferred_element_type=layer.preferred_element_type, backend=backend, rngs=nnx.Rngs(0))
@@ -518,7 +532,8 @@ def _progress(i: int, n: int, path: str) -> None:
 
 
 def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple[str, Spec]], *,
-                   qat: bool = False, backend: str | None = None, verbose: bool = True) -> QuantizeReport:
+                   qat: bool = False, k_major: bool = False, backend: str | None = None,
+                   verbose: bool = True) -> QuantizeReport:
   """Replaces, in place, the layers of `model` that a rule matches by their quantized counterparts.
 
   Layers considered: `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum` and `nnx.Embed` (exact types, not
@@ -533,6 +548,8 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
     model: an nnx Module; changed in place.
     rules: a mapping (or sequence of pairs) from regex to format spec.
     qat: build QAT layers (float kernels, fake-quantized in the forward pass) instead of quantized ones.
+    k_major: hold QLinear / QLinearGeneral kernels (out, in), the layout of the Mosaic GPU decode kernel (on a
+      Hopper GPU, int4 / int8 weights at M <= 16: see `QLinear`).
     backend: the `lowbit_jax.dot_general` backend the new layers use (default: automatic).
     verbose: draw a progress bar over the layers on stderr and print the summary.
 
@@ -598,7 +615,8 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
       skipped.append(report)
       continue
     cls = type(layer) if isinstance(layer, _QLAYERS) else _CONVERT[type(layer)]
-    new = cls.from_float(layer, spec[0], activation_format=spec[1], qat=qat, backend=backend)
+    layout = {"k_major": k_major} if cls in (QLinear, QLinearGeneral) else {}
+    new = cls.from_float(layer, spec[0], activation_format=spec[1], qat=qat, backend=backend, **layout)
     _set_child(model, path, new)
     report.bytes_after = weight_bytes(new)
     converted.append(report)
