@@ -322,6 +322,21 @@ def test_linen_layers_equal_dot_general_and_quantize_params():
     model.apply({"params": qvars["params"]}, x)
 
 
+def test_linen_k_major_dense():
+  x = normal(1, (3, 256))
+  dense = lambda **kw: nn.Dense(64, kernel_init=init, dot_general_cls=functools.partial(
+      qlinen.QDotGeneral, weight_format="int4_g128_sym", **kw))
+  variables = dense().init(jax.random.key(0), x)
+  qvars = qlinen.quantize_params(dense(k_major=True), variables, x)
+  k = qvars[qlinen.COLLECTION]["QDotGeneral_0"]["kernel"]
+  assert k.shape == (64, 256) and k.axis == 1
+  assert isinstance(qvars["params"]["kernel"], qlinen.KernelPlaceholder)
+  np.testing.assert_allclose(dense(k_major=True).apply(qvars, x), dense().apply(variables, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="k_major takes a 2-D kernel"):
+    nn.DenseGeneral((2, 32), dot_general_cls=functools.partial(qlinen.QDotGeneral, weight_format="int4_g128_sym",
+                                                               k_major=True)).init(jax.random.key(0), x)
+
+
 def test_linen_qat_and_checkpoint(tmp_path):
   model = LinenMLP(qat=True)
   x = normal(1, (3, 32))

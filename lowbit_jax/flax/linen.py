@@ -57,9 +57,9 @@ class KernelPlaceholder:
     return f"KernelPlaceholder(shape={self.shape}, dtype={self.dtype.name})"
 
 
-def _weight(module: nn.Module, kernel, axis: int, weight_format, qat: bool):
+def _weight(module: nn.Module, kernel, axis: int, weight_format, qat: bool, k_major: bool = False):
   """The kernel the matmul uses: fake-quantized (QAT), the stored QArray, or `kernel` quantized now (stored when
-  the collection is mutable outside of init)."""
+  the collection is mutable outside of init); `k_major` quantizes a 2-D kernel's transpose, along axis 1."""
   if qat:
     fmt = _format(weight_format, kernel.shape[axis], f"{module.path}: weight_format")
     return fake_quant(kernel, fmt, axis=axis)
@@ -68,8 +68,10 @@ def _weight(module: nn.Module, kernel, axis: int, weight_format, qat: bool):
   if kernel is None or isinstance(kernel, KernelPlaceholder) or jnp.ndim(kernel) == 0:
     raise ValueError(f"{'/'.join(module.path)}: no quantized kernel in the {COLLECTION!r} collection and no float "
                      "kernel in 'params'; apply with the variables returned by quantize_params.")
+  if k_major and kernel.ndim != 2:
+    raise ValueError(f"{'/'.join(module.path)}: k_major takes a 2-D kernel, got shape {tuple(kernel.shape)}.")
   fmt = _format(weight_format, kernel.shape[axis], f"{'/'.join(module.path)}: weight_format")
-  q = quantize(kernel, fmt, axis=axis)
+  q = quantize(kernel.T, fmt, axis=1) if k_major else quantize(kernel, fmt, axis=axis)
   if module.is_mutable_collection(COLLECTION) and not module.is_initializing():
     module.put_variable(COLLECTION, "kernel", q)
   return q
@@ -91,6 +93,8 @@ class QDotGeneral(nn.Module):
     activation_format: if set, the input is quantized and dequantized along its matching contracting axis
       first (numerical emulation).
     qat: fake-quantize the float kernel with a straight-through gradient instead (training).
+    k_major: hold a 2-D kernel (in, out) transposed, (out, in) quantized along axis 1: the layout of the Mosaic
+      GPU decode kernel (Hopper, int4 / int8 weights, at most 16 rows per call); the same values either way.
     backend: the `lowbit_jax.dot_general` backend (default: automatic).
 
   Example:
@@ -108,17 +112,24 @@ class QDotGeneral(nn.Module):
   weight_format: str | Format
   activation_format: str | Format | None = None
   qat: bool = False
+  k_major: bool = False
   backend: str | None = None
 
   @nn.compact
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> jax.Array:
-    (lc, rc), _ = dimension_numbers
+    (lc, rc), batch = dimension_numbers
     if not rc:
       raise ValueError(f"{'/'.join(self.path)}: QDotGeneral needs a contracting dimension, got "
                        f"{dimension_numbers}.")
     axis = max(rc)
-    w = _weight(self, rhs, axis, self.weight_format, self.qat)
+    k_major = self.k_major and not self.qat
+    if k_major and (len(rc) != 1 or batch[1]):
+      raise ValueError(f"{'/'.join(self.path)}: k_major takes a 2-D kernel with one contracting dimension and "
+                       f"no batch dimensions, got {dimension_numbers}.")
+    w = _weight(self, rhs, axis, self.weight_format, self.qat, k_major)
     lhs = _activation(self, lhs, lc[list(rc).index(axis)], self.activation_format)
+    if k_major:
+      dimension_numbers = ((lc, (1 - axis,)), batch)
     return dot_general(lhs, w, dimension_numbers, precision=precision,
                        preferred_element_type=preferred_element_type, backend=self.backend)
 
@@ -186,7 +197,8 @@ def quantize_params(model: nn.Module, variables: dict, *args, method: Any = None
     # QEinsum stores beside its own kernel; a QDotGeneral inside its Dense, one level below the kernel.
     for cand in (path, path[:-2] + path[-1:]):
       p = flat_p.get(cand)
-      if hasattr(p, "dtype") and not isinstance(p, (QArray, KernelPlaceholder)) and tuple(p.shape) == q.shape:
+      if (hasattr(p, "dtype") and not isinstance(p, (QArray, KernelPlaceholder))
+          and q.shape in (tuple(p.shape), tuple(p.shape)[::-1])):  # (reversed: a K-major kernel)
         flat_p[cand] = KernelPlaceholder(p.shape, p.dtype)
         break
   return {**variables, "params": traverse_util.unflatten_dict(flat_p), COLLECTION: quantized}
