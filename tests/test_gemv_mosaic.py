@@ -8,6 +8,7 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax import dispatch
+from pallas_kernels import backend
 from pallas_kernels.backend import hopper_available
 from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
 
@@ -59,6 +60,17 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   ref = lb.dot_general(x3, w, (((2,), (1,)), ((), ())), backend="xla")
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
   assert dispatch.choose(None, x, w, DN, 6) == ("mosaic" if KERNEL == "mosaic" else "xla")
+
+
+@pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym"])
+def test_gpu_code_lowers_on_any_machine(fmt, monkeypatch):
+  # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads) is not run by the
+  # interpreter; lowering it for CUDA on a CPU catches its Python-side errors where no GPU is present. (Without
+  # poisoned outputs: their in-place refs are a run-time device, not part of the kernel's code.)
+  monkeypatch.setattr(backend, "POISON", False)
+  x, w = _operands(4, 256, 512, fmt)
+  f = jax.jit(lambda x, w: dequant_gemv(x, w, backend="mosaic"))
+  assert "mosaic_gpu" in f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
