@@ -235,4 +235,4 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, n, MAX_M), jnp.float32),
       grid=(n // (_BN * cfg.tiles), cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
           data, w.scale.T, xt)
-  return jnp.sum(parts, axis=0).T[:m].astype(out_dtype or x.dtype)
+  return jnp.sum(parts[:, :, :m], axis=0).T.astype(out_dtype or x.dtype)  # (the real rows only)
