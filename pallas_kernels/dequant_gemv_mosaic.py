@@ -53,7 +53,7 @@ def default_config(n: int, k: int, bits: int = 4) -> Config:
   """Two 128-wide slices per step and 4 stages. int4: two row tiles per program and K split until about two
   programs per SM; int8: one row tile and K split until about eight programs per SM (at most 8 ways). From the
   H100 sweep in BENCHMARKS.md: two row tiles gained up to 6% for int4 and lost up to 7% for int8; splits that
-  keep every SM busy are within 5% of each other; four slices per step lost up to 60%."""
+  keep every SM busy are within 10% of each other; four slices per step lost up to 60%."""
   groups = 2 if k % (2 * _TK) == 0 else 1
   tiles, programs, cap = (2, 2, 16) if bits == 4 and n % (2 * _BN) == 0 else (1, 8, 8)
   split = 1
