@@ -18,7 +18,7 @@ reference (dequantize, then dot), so tokens/s there say nothing about the GPU ke
 
 Usage:
   PYTHONPATH=. python examples/lm.py [--d-model 256 --layers 2 --heads 8 --kv-heads 2 --ffn 768 --vocab 1024]
-      [--batch 2 --prompt 32 --new 32] [--formats mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym]
+      [--batch 2 --prompt 32 --new 32] [--formats mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym] [--k-major]
 """
 
 from __future__ import annotations
@@ -243,6 +243,8 @@ def main() -> None:
   p.add_argument("--new", type=int, default=32, help="tokens generated per sequence")
   p.add_argument("--formats", default=DEFAULT_FORMATS, help="each applied to every linear layer and the embedding")
   p.add_argument("--skip", default="", help="regex of layers to leave in bf16 for the per-format rows, e.g. lm_head")
+  p.add_argument("--k-major", action="store_true", help="hold linear kernels (out, in): the Mosaic GPU decode "
+                 "kernel's layout (Hopper, int4 / int8)")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
   cfg = Config(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.head_dim, a.ffn)
@@ -266,8 +268,8 @@ def main() -> None:
   for name, rules in variants:
     # Quantize, save, and run the model restored from disk (into an abstract model: nothing is re-quantized).
     with tempfile.TemporaryDirectory() as tmp:
-      disk = checkpoint.save(f"{tmp}/ckpt", quantized_copy(model, rules))
-      abstract = nnx.eval_shape(lambda: quantized_copy(Transformer(cfg, nnx.Rngs(0)), rules))
+      disk = checkpoint.save(f"{tmp}/ckpt", quantized_copy(model, rules, k_major=a.k_major))
+      abstract = nnx.eval_shape(lambda: quantized_copy(Transformer(cfg, nnx.Rngs(0)), rules, k_major=a.k_major))
       m = checkpoint.restore(f"{tmp}/ckpt", abstract)
     logits = forward(*nnx.split(m), seq)
     tps, t_pre = decode_tokens_per_s(m, prompt, a.new)
