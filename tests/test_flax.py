@@ -100,9 +100,9 @@ def test_k_major_layers_hold_the_transposed_kernel_and_compute_the_same():
                                                                                       k_major=True)
   assert gk.kernel.get_value().shape == (64, 256)
   np.testing.assert_allclose(gk(x.reshape(2, 3, 2, 128)), g(x.reshape(2, 3, 2, 128)), rtol=1e-5, atol=1e-5)
-  model = TinyLM(nnx.Rngs(0))
-  quantize_model(model, {"layers": "int8_channel_sym"}, k_major=True, verbose=False)
-  assert model.layers[0].mlp.k_major and model.layers[0].mlp.kernel.get_value().shape == (128, 64)
+  model = nnx.List([lin])
+  quantize_model(model, {"0": "int8_channel_sym"}, k_major=True, verbose=False)
+  assert model[0].k_major and model[0].kernel.get_value().shape == (64, 256)
 
 
 def test_qlinear_general_and_einsum_equal_dot_general():
