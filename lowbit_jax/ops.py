@@ -47,9 +47,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   With a float `lhs` (bf16/f16/f32, any leading dimensions) and a quantized weight `rhs` of shape (K, N), or
   K-major (N, K) contracted on its axis 1, this is a weight-only matmul: on an NVIDIA GPU a Pallas kernel decodes
   the packed weights in registers; elsewhere the weights are dequantized and XLA's dot runs. With both operands
-  quantized it is the OCP dot of the two (exact products, float32 accumulation; `lowbit_jax.xla`). The result has `lhs`'s (logical) dtype unless
-  `preferred_element_type` says otherwise. Its signature matches `lax.dot_general`, so it can be handed to
-  `flax.nnx.Linear(dot_general=...)`.
+  quantized it is the OCP dot of the two (exact products, float32 accumulation; `lowbit_jax.xla`). The result has
+  `lhs`'s (logical) dtype unless `preferred_element_type` says otherwise. Its signature matches
+  `lax.dot_general`, so it can be handed to `flax.nnx.Linear(dot_general=...)`.
 
   Args:
     backend: "auto" (default, see `lowbit_jax.dispatch`), "pallas", "mosaic", "jax_triton", "xla" or "interpret".

@@ -221,14 +221,12 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   if k % (_TK * cfg.groups * cfg.split) or n % (_BN * cfg.tiles):
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
                      f"{_BN * cfg.tiles} rows per program).")
-  data = w.data
-  if fmt.element_type.bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
-    data = lax.bitcast_convert_type(data, jnp.int4).reshape(n, k)
-  else:
-    data = lax.bitcast_convert_type(data, jnp.int8)
   xt = jnp.pad(x, ((0, MAX_M - m), (0, 0))).T  # (K, 16): the wgmma B operand
-  if fmt.element_type.bits == 4:
+  if fmt.element_type.bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
+    data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
     xt = _relabel_k(xt, axis=0)  # K in the order _widen gives the int4 codes
+  else:
+    data = lax.bitcast_convert_type(w.data, jnp.int8)
   kernel = functools.partial(_kernel, steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups,
                              stages=cfg.stages, tiles=cfg.tiles, backend=backend)
   parts = _backend.call(

@@ -128,8 +128,8 @@ class QDotGeneral(nn.Module):
                        f"no batch dimensions, got {dimension_numbers}.")
     w = _weight(self, rhs, axis, self.weight_format, self.qat, k_major)
     lhs = _activation(self, lhs, lc[list(rc).index(axis)], self.activation_format)
-    if k_major:
-      dimension_numbers = ((lc, (1 - axis,)), batch)
+    if k_major:  # the (out, in) QArray is contracted on its blocked axis
+      dimension_numbers = ((lc, (w.axis,)), batch)
     return dot_general(lhs, w, dimension_numbers, precision=precision,
                        preferred_element_type=preferred_element_type, backend=self.backend)
 

@@ -112,8 +112,9 @@ class _QLayer(nnx.Module):
     act = None if self.qat else self.activation_format
     if act is None:
       x = self._activation(x)
-    k_axis = 1 if self.k_major and not self.qat else 0
-    return dot_general(x, self._weight(0, x.dtype), (((x.ndim - 1,), (k_axis,)), ((), ())), precision=self.precision,
+    w = self._weight(0, x.dtype)
+    k_axis = w.axis if isinstance(w, QArray) else 0  # a QAT kernel is the float (in, out) one
+    return dot_general(x, w, (((x.ndim - 1,), (k_axis,)), ((), ())), precision=self.precision,
                        preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
                        backend=self.backend, act_format=act)
 
@@ -137,8 +138,7 @@ class QLinear(_QLayer):
 
   def __init__(self, in_features: int, out_features: int, *, weight_format: str | Format,
                activation_format: str | Format | None = None, qat: bool = False, k_major: bool = False,
-               use_bias: bool = True,
-               dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
+               use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                kernel_init: nnx.Initializer = default_kernel_init, bias_init: nnx.Initializer = default_bias_init,
                promote_dtype: Any = dtypes.promote_dtype, preferred_element_type: Any = None,
                backend: str | None = None, rngs: nnx.Rngs, kernel_metadata: Mapping[str, Any] = _EMPTY,
@@ -162,8 +162,7 @@ class QLinear(_QLayer):
     bias = layer.bias.get_value() if layer.bias is not None else None
     return cls(layer.in_features, layer.out_features, weight_format=weight_format,
                activation_format=activation_format, qat=qat, k_major=k_major, use_bias=bias is not None,
-               dtype=layer.dtype,
-               param_dtype=layer.param_dtype, precision=layer.precision,
+               dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
                kernel_init=_value_init(layer.kernel.get_value()), bias_init=_value_init(bias),
                promote_dtype=layer.promote_dtype, preferred_element_type=layer.preferred_element_type,
                backend=backend, rngs=nnx.Rngs(0))
@@ -200,8 +199,7 @@ class QLinearGeneral(_QLayer):
                k_major: bool = False, axis: int | Sequence[int] = -1, batch_axis: Mapping[int, int] = _EMPTY,
                use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
                kernel_init: nnx.Initializer = default_kernel_init, bias_init: nnx.Initializer = default_bias_init,
-               precision: Any = None,
-               promote_dtype: Any = dtypes.promote_dtype, preferred_element_type: Any = None,
+               precision: Any = None, promote_dtype: Any = dtypes.promote_dtype, preferred_element_type: Any = None,
                backend: str | None = None, rngs: nnx.Rngs, kernel_metadata: Mapping[str, Any] = _EMPTY,
                bias_metadata: Mapping[str, Any] = _EMPTY):
     if batch_axis:
@@ -234,8 +232,7 @@ class QLinearGeneral(_QLayer):
     w = w.reshape(math.prod(layer.in_features), -1)
     return cls(layer.in_features, layer.out_features, weight_format=weight_format,
                activation_format=activation_format, qat=qat, k_major=k_major, axis=layer.axis,
-               use_bias=bias is not None,
-               dtype=layer.dtype, param_dtype=layer.param_dtype, kernel_init=_value_init(w),
+               use_bias=bias is not None, dtype=layer.dtype, param_dtype=layer.param_dtype, kernel_init=_value_init(w),
                bias_init=_value_init(bias), precision=layer.precision, promote_dtype=layer.promote_dtype,
                preferred_element_type=layer.preferred_element_type, backend=backend, rngs=nnx.Rngs(0))
 
