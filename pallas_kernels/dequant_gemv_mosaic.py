@@ -65,11 +65,15 @@ def default_config(n: int, k: int, bits: int = 4) -> Config:
 def supports(fmt: Format, n: int, k: int) -> str | None:
   """None if the kernel takes a K-major (n, k) weight in `fmt`, else the reason it does not."""
   el = fmt.element_type
-  if el.kind != "int" or el.bits not in (4, 8) or fmt.zero_point or fmt.rule != "absmax":
-    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8 weights"
-  if fmt.block not in ((_TK,), None):
-    return f"{fmt.name}: the Mosaic kernel takes groups of {_TK} or one scale per row"
-  if fmt.scale != "bfloat16":
+  mx4 = el.name == "float4_e2m1fn" and fmt.scale == "float8_e8m0fnu" and not fmt.tensor_scale
+  if not (mx4 or el.kind == "int" and el.bits in (4, 8) and not fmt.zero_point and fmt.rule == "absmax"):
+    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8 and MXFP4 weights"
+  # 4-bit codes are relabelled within every 32 along K (`_widen`), which keeps blocks of 32 and up intact.
+  blocks = ((32,), (64,), (_TK,), None) if el.bits == 4 else ((_TK,), None)
+  if fmt.block not in blocks:
+    return f"{fmt.name}: the Mosaic kernel takes {'blocks of 32, 64 or' if el.bits == 4 else 'groups of'} {_TK} " \
+           "or one scale per row"
+  if not mx4 and fmt.scale != "bfloat16":
     return f"{fmt.name}: {fmt.scale} scales (the kernel takes bfloat16)"
   if n % _BN or k % _TK:
     return f"N = {n} and K = {k} must be multiples of {_BN} and {_TK}"
@@ -85,34 +89,53 @@ def _relabel_k(a: jax.Array, axis: int) -> jax.Array:
   return jnp.moveaxis(a.reshape(k, *rest), 0, axis)
 
 
-def _widen(w_smem, bits: int, interpret: bool) -> list[jax.Array]:
-  """A (64, box) code tile in shared memory as bfloat16 codes in the wgmma register layout, one (64, 128) array
-  per 128 columns.
+def _e2m1_values(n: jax.Array) -> jax.Array:
+  """E2M1 codes 0-15 as bfloat16 values (sign, 2 exponent bits with bias 1, 1 mantissa bit; 0.5 subnormal)."""
+  e, m = (n >> 1) & 3, (n & 1).astype(jnp.float32)
+  mag = jnp.where(e == 0, 0.5 * m, jnp.exp2((e - 1).astype(jnp.float32)) * (1 + 0.5 * m))
+  return jnp.where(n >= 8, -mag, mag).astype(jnp.bfloat16)
 
-  int8 codes convert in place. int4 codes are loaded 8 to a 32-bit register (where the wgmma layout would take 2
-  codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
+
+def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
+  """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
+  per `width` columns (`width`: the scale block, at most 128). `code`: "int8", "int4" or "e2m1" (the bits of
+  4-bit codes arrive as int4).
+
+  int8 codes convert in place. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
+  2 codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
   layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's 8-column tile, t the thread's column pair).
   That relabels K within every 32 (`_relabel_k`); the caller applies the same relabelling to the activations,
   which leaves the dot product unchanged and saves the shuffles a true relayout would take.
   """
   box = w_smem.shape[1]
-  if bits == 8:
+  if code == "int8":
     return [w_smem[...].astype(jnp.bfloat16)]
-  if interpret:  # the same relabelling, as array ops
-    a = _relabel_k(w_smem[...].astype(jnp.bfloat16), axis=1)
-    return [a[:, i:i + _TK] for i in range(0, box, _TK)]
+  if interpret:  # the same values and relabelling, as array ops
+    v = w_smem[...]
+    v = _e2m1_values(v.astype(jnp.int32) & 15) if code == "e2m1" else v.astype(jnp.bfloat16)
+    a = _relabel_k(v, axis=1)
+    return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
   codes = plgpu.load(w_smem, None, layout=plgpu.Layout.WGMMA_UPCAST_4X)
-  part = plgpu.ShapeDtypeStruct((_BN, _TK), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
-  return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=[part] * (box // _TK))(
-      _int4_pairs)(codes)
+  part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+  return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=[part] * (box // width))(
+      functools.partial(_nibble_pairs, code=code, width=width))(codes)
 
 
-def _int4_pairs(_, codes):
-  """Mosaic GPU (lane level): int4 codes in the WGMMA_UPCAST_4X layout, 8 per register, to bf16 in the WGMMA
-  layout as `_widen` describes, split into 128-column arrays. Per pair: shift nibble j (and j + 4) to bits 0 and
-  16, OR them into the mantissa of 0x4300 (128.0) with the sign bit flipped (lop3 (a & b) ^ c), giving 136 + q
-  exactly, then subtract 136."""
+# Per bf16 pair, PTX from a 32-bit register $1 holding codes 0-7 (after a shift by 4j, codes j and j + 4 sit in
+# bits 0-3 and 16-19). int4: OR the nibble into the mantissa of 0x4300 (128.0) with its sign bit flipped (lop3
+# (a & b) ^ c), giving 136 + q exactly, then subtract 136. E2M1: magnitude bits to bf16 bits 6-8 and the sign to
+# bit 15 make the bf16 of v * 2^-126 (0.5 is a bf16 subnormal, kept by bf16 arithmetic), times 2^126 exactly.
+_PAIR_PTX = {
+    "int4": "lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6A; mov.b32 m, 0x43084308; sub.bf16x2 $0, t, m;",
+    "e2m1": "shl.b32 m, t, 6; and.b32 m, m, 0x01C001C0; shl.b32 t, t, 12; lop3.b32 t, m, t, 0x80008000, 0xF8; "
+            "mov.b32 m, 0x7E807E80; mul.rn.bf16x2 $0, t, m;",
+}
+
+
+def _nibble_pairs(_, codes, *, code: str, width: int):
+  """Mosaic GPU (lane level): 4-bit codes in the WGMMA_UPCAST_4X layout, 8 per register, to bf16 in the WGMMA
+  layout as `_widen` describes (`_PAIR_PTX` per pair), split into `width`-column arrays."""
   import numpy as np
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils
@@ -125,16 +148,15 @@ def _int4_pairs(_, codes):
     word = utils.bitcast(reg, i32)
     for j in range(4):
       shift = f"shr.u32 t, $1, {4 * j};" if j else "mov.b32 t, $1;"
-      bf16x2 = llvm.inline_asm(
-          i32, [word], "{ .reg .b32 t, m; " + shift + " lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6A; "
-          "mov.b32 m, 0x43084308; sub.bf16x2 $0, t, m; }", "=r,r")
+      bf16x2 = llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + shift + " " + _PAIR_PTX[code] + " }", "=r,r")
       out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(bf16x2, pair)
-  per = _TK // 8  # 8-column register tiles per 128 columns
+  per = width // 8  # 8-column register tiles per array
   return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
           for i in range(0, out.shape[1], per)]
 
 
-def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, steps: int, groups: int, stages: int, tiles: int, backend: str):
+def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int, groups: int, stages: int,
+            tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   ni, si = _backend.program_id(0, backend=backend), _backend.program_id(1, backend=backend)
@@ -148,14 +170,15 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, steps: int, groups: int, stages: 
   mp = x_gmem.shape[1]
   x_sw = plgpu.find_swizzle(mp * 16, "rhs")
   per_channel = s_gmem.shape[0] == 1
+  blocks = groups * _TK // width  # scale blocks per step
 
   def step(_, *refs, accs, a_smem):
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
     for r, acc_ref in enumerate(accs):
       rows = pl.ds(r * _BN, _BN)
       for b, w_smem in enumerate(w_smems):
-        for h, a in enumerate(_widen(w_smem.at[rows], bits, interpret)):
-          j = b * (box // _TK) + h  # the 128-wide slice of this step
+        for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret)):
+          j = b * (box // width) + h  # the scale block of this step
           row = 0 if per_channel else j
           if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
             s = s_smem[row, rows]
@@ -165,7 +188,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, steps: int, groups: int, stages: 
           if interpret:
             a_smem[0][...] = a
             a = a_smem[0]
-          plgpu.wgmma(acc_ref, a, x_smem.at[pl.ds(j * _TK, _TK)])
+          plgpu.wgmma(acc_ref, a, x_smem.at[pl.ds(j * width, width)])
     plgpu.wgmma_wait(0)
 
   w_spec = lambda b: plgpu.BlockSpec(
@@ -177,7 +200,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, steps: int, groups: int, stages: 
         functools.partial(step, accs=accs, a_smem=a_smem), grid=(steps,),
         in_specs=[
             *map(w_spec, range(boxes)),
-            plgpu.BlockSpec((1, bn) if per_channel else (groups, bn), lambda kk: (0 if per_channel else k0 + kk, ni)),
+            plgpu.BlockSpec((1, bn) if per_channel else (blocks, bn), lambda kk: (0 if per_channel else k0 + kk, ni)),
             plgpu.BlockSpec((_TK * groups, mp), lambda kk: (k0 + kk, 0),
                             transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
         ],
@@ -187,7 +210,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, steps: int, groups: int, stages: 
   def with_stash(*a_smem):  # (the interpreter's shared-memory copy of the A operand: its own scope)
     return pl.run_scoped(functools.partial(acc_scope, a_smem=a_smem), *[plgpu.ACC((_BN, mp))] * tiles)
 
-  accs = pl.run_scoped(with_stash, plgpu.SMEM((_BN, _TK), jnp.bfloat16)) if interpret else with_stash()
+  accs = pl.run_scoped(with_stash, plgpu.SMEM((_BN, width), jnp.bfloat16)) if interpret else with_stash()
 
   @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, mp), jnp.float32))
   def _store(o_smem):
@@ -222,15 +245,18 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
                      f"{_BN * cfg.tiles} rows per program).")
   xt = jnp.pad(x, ((0, MAX_M - m), (0, 0))).T  # (K, 16): the wgmma B operand
-  if fmt.element_type.bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
+  bits = fmt.element_type.bits
+  if bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
-    xt = _relabel_k(xt, axis=0)  # K in the order _widen gives the int4 codes
+    xt = _relabel_k(xt, axis=0)  # K in the order _widen gives 4-bit codes
   else:
     data = lax.bitcast_convert_type(w.data, jnp.int8)
-  kernel = functools.partial(_kernel, steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups,
-                             stages=cfg.stages, tiles=cfg.tiles, backend=backend)
+  code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
+  kernel = functools.partial(_kernel, code=code, width=fmt.block[0] if fmt.block else _TK,
+                             steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
+                             tiles=cfg.tiles, backend=backend)
   parts = _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, n, MAX_M), jnp.float32),
       grid=(n // (_BN * cfg.tiles), cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
-          data, w.scale.T, xt)
+          data, w.scale.T.astype(jnp.bfloat16), xt)  # E8M0 scales widen to bf16 exactly
   return jnp.sum(parts[:, :, :m], axis=0).T.astype(out_dtype or x.dtype)  # (the real rows only)
