@@ -62,7 +62,7 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   assert dispatch.choose(None, x, w, DN, 6) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
 
-@pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym"])
+@pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym"])
 def test_gpu_code_lowers_on_any_machine(fmt, monkeypatch):
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads) is not run by the
   # interpreter; lowering it for CUDA on a CPU catches its Python-side errors where no GPU is present. (Without
