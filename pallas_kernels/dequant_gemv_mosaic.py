@@ -11,8 +11,8 @@ slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the 
 (128 * groups, 16) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
 registers (int4: 8 codes per 32-bit load, K relabelled within every 32 and the activations to match, see
 `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
-`lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. The
-(split, N, 16) float32 partials are summed by XLA. Unlike the
+`lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. Programs
+write their M real rows, (M, N); with split-K, float32 (split, M, N) partials that XLA sums. Unlike the
 Pallas-Triton kernel of dequant_matmul.py, the weights stream through TMA into shared memory instead of per-thread
 loads, which is what bound that kernel at small M (BENCHMARKS.md).
 """
@@ -155,6 +155,18 @@ def _nibble_pairs(_, codes, *, code: str, width: int):
           for i in range(0, out.shape[1], per)]
 
 
+def _store_transposed(acc, ref):
+  """Stores a (64, 16) float32 wgmma accumulator into a (16, 64) shared-memory ref as its transpose."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+  def store(_, acc, ref):
+    from jax.experimental.mosaic import gpu as mgpu
+    acc.to_layout(mgpu.WGMMA_TRANSPOSED_LAYOUT).store_untiled(mgpu.memref_transpose(ref, (1, 0)), optimized=False)
+
+  store(acc, ref)
+
+
 def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int, groups: int, stages: int,
             tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -212,12 +224,20 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int
 
   accs = pl.run_scoped(with_stash, plgpu.SMEM((_BN, width), jnp.bfloat16)) if interpret else with_stash()
 
-  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, mp), jnp.float32))
+  m = o_gmem.shape[1]
+
+  # The accumulators are out^T tiles (64 weight rows, 16 activation rows); they go out as (M, N) rows so that
+  # the split-K partials are summed over contiguous rows and nothing is transposed after the kernel.
+  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), jnp.float32))
   def _store(o_smem):
     for r, acc in enumerate(accs):
-      o_smem[pl.ds(r * _BN, _BN)] = acc
+      if interpret:
+        o_smem[r] = acc.T
+      else:
+        _store_transposed(acc, o_smem.at[r])
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
+    for r in range(tiles):
+      plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, m)], o_gmem.at[si, :, pl.ds(ni * bn + r * _BN, _BN)])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -256,7 +276,7 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, backend=backend)
   parts = _backend.call(
-      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, n, MAX_M), jnp.float32),
+      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, m, n), jnp.float32),
       grid=(n // (_BN * cfg.tiles), cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
           data, w.scale.T.astype(jnp.bfloat16), xt)  # E8M0 scales widen to bf16 exactly
-  return jnp.sum(parts[:, :, :m], axis=0).T.astype(out_dtype or x.dtype)  # (the real rows only)
+  return jnp.sum(parts, axis=0).astype(out_dtype or x.dtype)
