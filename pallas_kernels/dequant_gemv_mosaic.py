@@ -1,9 +1,9 @@
 """Weight-only matmul for decode (M <= 16) in Pallas Mosaic GPU: y = x @ dequantize(w).T on Hopper tensor cores.
 
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
-canonical storage of REFERENCE section 3: int4 codes two per byte, low nibble first (the memory layout of a
-`jnp.int4` (N, K) array), or int8 codes; symmetric, with bfloat16 scales (N, K / 128) for groups of 128, or (N, 1)
-per channel.
+canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
+a `jnp.int4` (N, K) array), or int8 codes; symmetric, with bfloat16 scales (N, K / B) for blocks of B = 128 (int4
+also 32 and 64), or (N, 1) per channel; MXFP4 with E8M0 scales (N, K / 32).
 
 Swap-AB: out^T (N, 16) = W (N, K) @ x^T (K, 16), x padded to 16 rows (the narrowest activation tile TMA swizzles).
 A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
