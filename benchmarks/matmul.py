@@ -139,8 +139,7 @@ def k_major(args) -> None:
     for name in args.formats.split(","):
       qws = [lb.quantize(w.T, name, axis=1) for w in bf16_ws]
       nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
-      bits = qws[0].format.element_type.bits
-      for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k, bits)]:
+      for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k)]:
         t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
                        xs, qws)
         rest = ""

@@ -5,10 +5,11 @@ canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low n
 a `jnp.int4` (N, K) array), or int8 codes; symmetric, with bfloat16 scales (N, K / B) for blocks of B = 128 (int4
 also 32 and 64), or (N, 1) per channel; MXFP4 with E8M0 scales (N, K / 32).
 
-Swap-AB: out^T (N, 16) = W (N, K) @ x^T (K, 16), x padded to 16 rows (the narrowest activation tile TMA swizzles).
+Swap-AB: out^T (N, 8) = W (N, K) @ x^T (K, 8), x padded to 8 rows (16 for M > 8; wgmma's N is a multiple of 8) and
+handed to wgmma as a transposed shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
 slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
-(128 * groups, 16) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
+(8, 128 * groups) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
 registers (int4: 8 codes per 32-bit load, K relabelled within every 32 and the activations to match, see
 `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
 `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. Programs
@@ -33,7 +34,7 @@ from pallas_kernels import backend as _backend
 
 __all__ = ["Config", "MAX_M", "dequant_gemv", "supports", "default_config"]
 
-MAX_M = 16  # activation rows the kernel takes (one 16-wide wgmma N tile)
+MAX_M = 16  # activation rows the kernel takes (one wgmma N tile of 8 or 16)
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
 
@@ -49,17 +50,15 @@ class Config:
   tiles: int = 1
 
 
-def default_config(n: int, k: int, bits: int = 4) -> Config:
-  """Two 128-wide slices per step and 4 stages. int4: two row tiles per program and K split until about two
-  programs per SM; int8: one row tile and K split until about eight programs per SM (at most 8 ways). From the
-  H100 sweep in BENCHMARKS.md: two row tiles gained up to 6% for int4 and lost up to 7% for int8; splits that
-  keep every SM busy are within 10% of each other; four slices per step lost up to 60%."""
+def default_config(n: int, k: int) -> Config:
+  """Two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until about 16 programs per
+  SM (at most 16 ways). From the H100 sweep in BENCHMARKS.md: with the activations read as 8 rows (M <= 8), one row
+  tile and many short programs beat two tiles by 5-14% (int4, (N, K) = (8192, 8192) and (28672, 8192))."""
   groups = 2 if k % (2 * _TK) == 0 else 1
-  tiles, programs, cap = (2, 2, 16) if bits == 4 and n % (2 * _BN) == 0 else (1, 8, 8)
   split = 1
-  while n // (_BN * tiles) * split < programs * 132 and split < cap and k % (_TK * groups * split * 2) == 0:
+  while n // _BN * split < 16 * 132 and split < 16 and k % (_TK * groups * split * 2) == 0:
     split *= 2
-  return Config(split=split, groups=groups, stages=4, tiles=tiles)
+  return Config(split=split, groups=groups, stages=4, tiles=1)
 
 
 def supports(fmt: Format, n: int, k: int) -> str | None:
@@ -156,7 +155,7 @@ def _nibble_pairs(_, codes, *, code: str, width: int):
 
 
 def _store_transposed(acc, ref):
-  """Stores a (64, 16) float32 wgmma accumulator into a (16, 64) shared-memory ref as its transpose."""
+  """Stores a (64, 8 or 16) float32 wgmma accumulator into an (8 or 16, 64) shared-memory ref as its transpose."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
@@ -179,12 +178,12 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int
   w_sw = box * bits // 8
   boxes = groups * _TK // box
   bn = _BN * tiles
-  mp = x_gmem.shape[1]
-  x_sw = plgpu.find_swizzle(mp * 16, "rhs")
+  mp = x_gmem.shape[0]
+  x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one scale block of activations per 8-row tile
   per_channel = s_gmem.shape[0] == 1
   blocks = groups * _TK // width  # scale blocks per step
 
-  def step(_, *refs, accs, a_smem):
+  def step(_, *refs, accs, stash):
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
     for r, acc_ref in enumerate(accs):
       rows = pl.ds(r * _BN, _BN)
@@ -197,36 +196,40 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int
           else:
             s = plgpu.load(s_smem.at[row, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
           a = a * lax.broadcast_in_dim(s, a.shape, [0])
-          if interpret:
-            a_smem[0][...] = a
-            a = a_smem[0]
-          plgpu.wgmma(acc_ref, a, x_smem.at[pl.ds(j * width, width)])
+          xs = x_smem.at[:, pl.ds(j * width, width)]
+          if interpret:  # (and takes no transposed operand)
+            a_smem, b_smem = stash
+            a_smem[...], b_smem[...] = a, xs[...].T
+            plgpu.wgmma(acc_ref, a_smem, b_smem)
+          else:
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(xs, (1, 0)))
     plgpu.wgmma_wait(0)
 
   w_spec = lambda b: plgpu.BlockSpec(
       (bn, box), lambda kk: (ni, (k0 + kk) * boxes + b),
       transforms=(plgpu.TilingTransform((8, box)), plgpu.SwizzleTransform(w_sw)))
 
-  def acc_scope(*accs, a_smem):
+  def acc_scope(*accs, stash):
     plgpu.emit_pipeline(
-        functools.partial(step, accs=accs, a_smem=a_smem), grid=(steps,),
+        functools.partial(step, accs=accs, stash=stash), grid=(steps,),
         in_specs=[
             *map(w_spec, range(boxes)),
             plgpu.BlockSpec((1, bn) if per_channel else (blocks, bn), lambda kk: (0 if per_channel else k0 + kk, ni)),
-            plgpu.BlockSpec((_TK * groups, mp), lambda kk: (k0 + kk, 0),
+            plgpu.BlockSpec((mp, _TK * groups), lambda kk: (0, k0 + kk),
                             transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
         ],
         max_concurrent_steps=stages)(*[w_gmem] * boxes, s_gmem, x_gmem)
     return [acc_ref[...] for acc_ref in accs]
 
-  def with_stash(*a_smem):  # (the interpreter's shared-memory copy of the A operand: its own scope)
-    return pl.run_scoped(functools.partial(acc_scope, a_smem=a_smem), *[plgpu.ACC((_BN, mp))] * tiles)
+  def with_stash(*stash):  # (the interpreter's shared-memory copies of the wgmma operands: their own scope)
+    return pl.run_scoped(functools.partial(acc_scope, stash=stash), *[plgpu.ACC((_BN, mp))] * tiles)
 
-  accs = pl.run_scoped(with_stash, plgpu.SMEM((_BN, width), jnp.bfloat16)) if interpret else with_stash()
+  accs = (pl.run_scoped(with_stash, plgpu.SMEM((_BN, width), jnp.bfloat16), plgpu.SMEM((width, mp), jnp.bfloat16))
+          if interpret else with_stash())
 
   m = o_gmem.shape[1]
 
-  # The accumulators are out^T tiles (64 weight rows, 16 activation rows); they go out as (M, N) rows so that
+  # The accumulators are out^T tiles (64 weight rows, 8 or 16 activation rows); they go out as (M, N) rows so that
   # the split-K partials are summed over contiguous rows and nothing is transposed after the kernel.
   @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), jnp.float32))
   def _store(o_smem):
@@ -260,15 +263,16 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     raise ValueError(f"dequant_gemv: x must be (M <= {MAX_M}, K = {k}), got {x.shape}.")
   if x.dtype != jnp.bfloat16:
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
-  cfg = config or default_config(n, k, fmt.element_type.bits)
+  cfg = config or default_config(n, k)
   if k % (_TK * cfg.groups * cfg.split) or n % (_BN * cfg.tiles):
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
                      f"{_BN * cfg.tiles} rows per program).")
-  xt = jnp.pad(x, ((0, MAX_M - m), (0, 0))).T  # (K, 16): the wgmma B operand
+  # The wgmma B operand, transposed: (8 or 16, K) rows of activations, zero-padded (wgmma's N is a multiple of 8).
+  xp = jnp.pad(x, ((0, (8 if m <= 8 else MAX_M) - m), (0, 0)))
   bits = fmt.element_type.bits
   if bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
-    xt = _relabel_k(xt, axis=0)  # K in the order _widen gives 4-bit codes
+    xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4-bit codes
   else:
     data = lax.bitcast_convert_type(w.data, jnp.int8)
   code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
@@ -278,5 +282,5 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   parts = _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, m, n), jnp.float32),
       grid=(n // (_BN * cfg.tiles), cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
-          data, w.scale.T.astype(jnp.bfloat16), xt)  # E8M0 scales widen to bf16 exactly
+          data, w.scale.T.astype(jnp.bfloat16), xp)  # E8M0 scales widen to bf16 exactly
   return jnp.sum(parts, axis=0).astype(out_dtype or x.dtype)
