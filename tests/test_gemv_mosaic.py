@@ -30,7 +30,7 @@ def _exact_weights_dot(x, w):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 9, 16])  # 8-row activation tiles up to M = 8, 16-row ones above
 def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
   # The kernel rounds v * s to bfloat16 once, as dequantize does: only the float32 summation order may differ,
   # so the tolerance is far below a bfloat16 ulp of the weights (scaling on the float32 sum instead fails it).
