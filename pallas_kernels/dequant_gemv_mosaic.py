@@ -9,7 +9,7 @@ Swap-AB: out^T (N, 8) = W (N, K) @ x^T (K, 8), x padded to 8 rows (16 for M > 8;
 handed to wgmma as a transposed shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
 slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
-(8, 128 * groups) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
+(8 or 16, 128 * groups) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
 registers (int4: 8 codes per 32-bit load, K relabelled within every 32 and the activations to match, see
 `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
 `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. Programs
