@@ -65,14 +65,15 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
   """None if the kernel takes a K-major (n, k) weight in `fmt`, else the reason it does not."""
   el = fmt.element_type
   mx4 = el.name == "float4_e2m1fn" and fmt.scale == "float8_e8m0fnu" and not fmt.tensor_scale
-  if not (mx4 or el.kind == "int" and el.bits in (4, 8) and not fmt.zero_point and fmt.rule == "absmax"):
-    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8 and MXFP4 weights"
+  nv4 = el.name == "float4_e2m1fn" and fmt.rule == "nvfp4" and fmt.block == (16,)
+  if not (mx4 or nv4 or el.kind == "int" and el.bits in (4, 8) and not fmt.zero_point and fmt.rule == "absmax"):
+    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8, MXFP4 and NVFP4 weights"
   # 4-bit codes are relabelled within every 32 along K (`_widen`), which keeps blocks of 32 and up intact.
-  blocks = ((32,), (64,), (_TK,), None) if el.bits == 4 else ((_TK,), None)
-  if fmt.block not in blocks:
+  blocks = ((16,), (32,), (64,), (_TK,), None) if el.bits == 4 else ((_TK,), None)
+  if fmt.block not in blocks or fmt.block == (16,) and not nv4:
     return f"{fmt.name}: the Mosaic kernel takes {'blocks of 32, 64 or' if el.bits == 4 else 'groups of'} {_TK} " \
            "or one scale per row"
-  if not mx4 and fmt.scale != "bfloat16":
+  if not (mx4 or nv4) and fmt.scale != "bfloat16":
     return f"{fmt.name}: {fmt.scale} scales (the kernel takes bfloat16)"
   if n % _BN or k % _TK:
     return f"N = {n} and K = {k} must be multiples of {_BN} and {_TK}"
@@ -97,7 +98,7 @@ def _e2m1_values(n: jax.Array) -> jax.Array:
 
 def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
-  per `width` columns (`width`: the scale block, at most 128). `code`: "int8", "int4" or "e2m1" (the bits of
+  per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "int4" or "e2m1" (the bits of
   4-bit codes arrive as int4).
 
   int8 codes convert in place. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
@@ -166,7 +167,7 @@ def _store_transposed(acc, ref):
   store(acc, ref)
 
 
-def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int, groups: int, stages: int,
+def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int, groups: int, stages: int,
             tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
@@ -179,9 +180,10 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int
   boxes = groups * _TK // box
   bn = _BN * tiles
   mp = x_gmem.shape[0]
-  x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one scale block of activations per 8-row tile
+  width = max(block, 32)  # columns per wgmma: one scale block, or two blocks of 16
+  x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one wgmma's activations per 8-row tile
   per_channel = s_gmem.shape[0] == 1
-  blocks = groups * _TK // width  # scale blocks per step
+  blocks = groups * _TK // block  # scale blocks per step
 
   def step(_, *refs, accs, stash):
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
@@ -189,13 +191,25 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, width: int, steps: int
       rows = pl.ds(r * _BN, _BN)
       for b, w_smem in enumerate(w_smems):
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret)):
-          j = b * (box // width) + h  # the scale block of this step
-          row = 0 if per_channel else j
-          if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
-            s = s_smem[row, rows]
-          else:
-            s = plgpu.load(s_smem.at[row, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
-          a = a * lax.broadcast_in_dim(s, a.shape, [0])
+          j = b * (box // width) + h  # the wgmma slice of this step
+          per = width // block  # scale blocks per slice
+
+          def scale(i):  # (64, width): scale row i of this step along the slice's rows
+            if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
+              s = s_smem[i, rows]
+            else:
+              s = plgpu.load(s_smem.at[i, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
+            return lax.broadcast_in_dim(s, a.shape, [0])
+
+          if per_channel:
+            a = a * scale(0)
+          elif per == 1:
+            a = a * scale(j)
+          else:  # blocks of 16: relabelled column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`)
+            col = lax.broadcasted_iota(jnp.int32, a.shape, 1)
+            if not interpret:
+              col = plgpu.layout_cast(col, plgpu.Layout.WGMMA)
+            a = a * jnp.where(col % 8 < 4, scale(2 * j), scale(2 * j + 1))
           xs = x_smem.at[:, pl.ds(j * width, width)]
           if interpret:  # (and takes no transposed operand)
             a_smem, b_smem = stash
@@ -276,11 +290,14 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   else:
     data = lax.bitcast_convert_type(w.data, jnp.int8)
   code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
-  kernel = functools.partial(_kernel, code=code, width=fmt.block[0] if fmt.block else _TK,
+  kernel = functools.partial(_kernel, code=code, block=fmt.block[0] if fmt.block else _TK,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, backend=backend)
   parts = _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, m, n), jnp.float32),
       grid=(n // (_BN * cfg.tiles), cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
-          data, w.scale.T.astype(jnp.bfloat16), xp)  # E8M0 scales widen to bf16 exactly
-  return jnp.sum(parts, axis=0).astype(out_dtype or x.dtype)
+          data, w.scale.T.astype(jnp.bfloat16), xp)  # E8M0 and E4M3 scales widen to bf16 exactly
+  y = jnp.sum(parts, axis=0)
+  if w.tensor_scale is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py
+    y = y * w.tensor_scale.astype(jnp.float32)
+  return y.astype(out_dtype or x.dtype)

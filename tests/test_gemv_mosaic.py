@@ -13,7 +13,7 @@ from pallas_kernels.backend import hopper_available
 from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
 
 KERNEL = "mosaic" if hopper_available() else "interpret"
-FORMATS = ["int4_g128_sym", "int4_g32_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym", "mxfp4"]
+FORMATS = ["int4_g128_sym", "int4_g32_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym", "mxfp4", "nvfp4"]
 DN = (((1,), (1,)), ((), ()))
 
 
@@ -25,8 +25,10 @@ def _operands(m, n, k, fmt, seed=0):
 
 
 def _exact_weights_dot(x, w):
-  """x @ W^T with W the bfloat16 weights `lb.dequantize` returns, products exact, float32 sums."""
-  return jnp.dot(x.astype(jnp.float32), lb.dequantize(w, jnp.bfloat16).astype(jnp.float32).T, precision="highest")
+  """x @ W^T with W the bfloat16 weights `lb.dequantize` returns, products exact, float32 sums. NVFP4: W in
+  float32, since the kernel takes the element times block scale (exact in bfloat16) and applies g to the sum."""
+  dtype = jnp.float32 if w.tensor_scale is not None else jnp.bfloat16
+  return jnp.dot(x.astype(jnp.float32), lb.dequantize(w, dtype).astype(jnp.float32).T, precision="highest")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -62,7 +64,7 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   assert dispatch.choose(None, x, w, DN, 6) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
 
-@pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym"])
+@pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4"])
 def test_gpu_code_lowers_on_any_machine(fmt, monkeypatch):
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads) is not run by the
   # interpreter; lowering it for CUDA on a CPU catches its Python-side errors where no GPU is present. (Without
@@ -75,7 +77,7 @@ def test_gpu_code_lowers_on_any_machine(fmt, monkeypatch):
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
     (17, 128, "int4_g128_sym", jnp.bfloat16, "interpret", "M <= 16"),
-    (2, 128, "nvfp4", jnp.bfloat16, "interpret", "symmetric int4 / int8 and MXFP4"),
+    (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4 and NVFP4"),
     (2, 128, "int8_g32_sym", jnp.bfloat16, "interpret", "groups of 128"),
     (2, 96, "int8_channel_sym", jnp.bfloat16, "interpret", "multiples of 64 and 128"),
     (2, 128, "int4_g128_sym", jnp.bfloat16, "pallas", "its kernel is a 'mosaic' kernel"),
