@@ -4,7 +4,7 @@
 of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
 Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
-with K-major (N, K) int4 / int8 / MXFP4 weights at M <= 16 (decode) is Pallas lowered through Mosaic GPU
+with K-major (N, K) int4 / int8 / MXFP4 / NVFP4 weights at M <= 16 (decode) is Pallas lowered through Mosaic GPU
 (`mosaic`, Hopper); block FP8 is a Triton kernel launched by jax_triton
 (`jax_triton`, the optional `lowbit-jax[triton]` extra; without it a GPU warns once and runs XLA). `pallas`,
 `mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the

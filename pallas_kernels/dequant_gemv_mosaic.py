@@ -3,7 +3,9 @@
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
 a `jnp.int4` (N, K) array), or int8 codes; symmetric, with bfloat16 scales (N, K / B) for blocks of B = 128 (int4
-also 32 and 64), or (N, 1) per channel; MXFP4 with E8M0 scales (N, K / 32).
+also 32 and 64), or (N, 1) per channel; MXFP4 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and
+the float32 tensor scale g, which multiplies the float32 sum (as in dequant_matmul.py) where dequantize rounds
+v * s * g to bfloat16.
 
 Swap-AB: out^T (N, 8) = W (N, K) @ x^T (K, 8), x padded to 8 rows (16 for M > 8; wgmma's N is a multiple of 8) and
 handed to wgmma as a transposed shared-memory operand, so x stays row-major.
@@ -98,8 +100,8 @@ def _e2m1_values(n: jax.Array) -> jax.Array:
 
 def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
-  per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "int4" or "e2m1" (the bits of
-  4-bit codes arrive as int4).
+  per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "int4" or
+  "e2m1" (the bits of 4-bit codes arrive as int4).
 
   int8 codes convert in place. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
   2 codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
