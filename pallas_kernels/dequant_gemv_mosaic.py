@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lowbit_jax.formats import Format
+from lowbit_jax import elements
+from lowbit_jax.formats import ELEMENTS, Format
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
@@ -91,13 +92,6 @@ def _relabel_k(a: jax.Array, axis: int) -> jax.Array:
   return jnp.moveaxis(a.reshape(k, *rest), 0, axis)
 
 
-def _e2m1_values(n: jax.Array) -> jax.Array:
-  """E2M1 codes 0-15 as bfloat16 values (sign, 2 exponent bits with bias 1, 1 mantissa bit; 0.5 subnormal)."""
-  e, m = (n >> 1) & 3, (n & 1).astype(jnp.float32)
-  mag = jnp.where(e == 0, 0.5 * m, jnp.exp2((e - 1).astype(jnp.float32)) * (1 + 0.5 * m))
-  return jnp.where(n >= 8, -mag, mag).astype(jnp.bfloat16)
-
-
 def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
   per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "int4" or
@@ -114,7 +108,8 @@ def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
     return [w_smem[...].astype(jnp.bfloat16)]
   if interpret:  # the same values and relabelling, as array ops
     v = w_smem[...]
-    v = _e2m1_values(v.astype(jnp.int32) & 15) if code == "e2m1" else v.astype(jnp.bfloat16)
+    v = elements.decode(v.astype(jnp.int32) & 15, ELEMENTS["float4_e2m1fn"]) if code == "e2m1" else v
+    v = v.astype(jnp.bfloat16)
     a = _relabel_k(v, axis=1)
     return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -186,15 +181,18 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
   x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one wgmma's activations per 8-row tile
   per_channel = s_gmem.shape[0] == 1
   blocks = groups * _TK // block  # scale blocks per step
+  per = width // block  # scale blocks per wgmma slice
 
   def step(_, *refs, accs, stash):
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
+    if per > 1:  # blocks of 16: relabelled column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`)
+      col = lax.broadcasted_iota(jnp.int32, (_BN, width), 1)
+      first_block = (col if interpret else plgpu.layout_cast(col, plgpu.Layout.WGMMA)) % 8 < 4
     for r, acc_ref in enumerate(accs):
       rows = pl.ds(r * _BN, _BN)
       for b, w_smem in enumerate(w_smems):
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret)):
           j = b * (box // width) + h  # the wgmma slice of this step
-          per = width // block  # scale blocks per slice
 
           def scale(i):  # (64, width): scale row i of this step along the slice's rows
             if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
@@ -207,11 +205,8 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
             a = a * scale(0)
           elif per == 1:
             a = a * scale(j)
-          else:  # blocks of 16: relabelled column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`)
-            col = lax.broadcasted_iota(jnp.int32, a.shape, 1)
-            if not interpret:
-              col = plgpu.layout_cast(col, plgpu.Layout.WGMMA)
-            a = a * jnp.where(col % 8 < 4, scale(2 * j), scale(2 * j + 1))
+          else:
+            a = a * jnp.where(first_block, scale(2 * j), scale(2 * j + 1))
           xs = x_smem.at[:, pl.ds(j * width, width)]
           if interpret:  # (and takes no transposed operand)
             a_smem, b_smem = stash
