@@ -119,20 +119,25 @@ def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
       functools.partial(_nibble_pairs, code=code, width=width))(codes)
 
 
-# Per bf16 pair, PTX from a 32-bit register $1 holding codes 0-7 (after a shift by 4j, codes j and j + 4 sit in
-# bits 0-3 and 16-19). int4: OR the nibble into the mantissa of 0x4300 (128.0) with its sign bit flipped (lop3
-# (a & b) ^ c), giving 136 + q exactly, then subtract 136. E2M1: magnitude bits to bf16 bits 6-8 and the sign to
-# bit 15 make the bf16 of v * 2^-126 (0.5 is a bf16 subnormal, kept by bf16 arithmetic), times 2^126 exactly.
-_PAIR_PTX = {
-    "int4": "lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6A; mov.b32 m, 0x43084308; sub.bf16x2 $0, t, m;",
-    "e2m1": "shl.b32 m, t, 6; and.b32 m, m, 0x01C001C0; shl.b32 t, t, 12; lop3.b32 t, m, t, 0x80008000, 0xF8; "
-            "mov.b32 m, 0x7E807E80; mul.rn.bf16x2 $0, t, m;",
-}
+def _pair_ptx(code: str, j: int) -> str:
+  """PTX for one bf16 pair from a 32-bit register $1 of codes 0-7: codes j and j + 4, at bits 4j and 16 + 4j.
+
+  int4: shift the pair to bits 0 and 16, OR each nibble into the mantissa of 0x4300 (128.0) with its sign bit
+  flipped (lop3 (a & b) ^ c), giving 136 + q exactly, then subtract 136. E2M1: the magnitude bits to bf16 bits 6-8
+  and the sign to bit 15, each by its own shift of $1 (no shift of the pair first), make the bf16 of v * 2^-126
+  (0.5 is a bf16 subnormal, kept by bf16 arithmetic), then times 2^126 exactly."""
+  def shift(dst, n):  # $1 moved left by n bits (right for negative n)
+    return f"shl.b32 {dst}, $1, {n};" if n > 0 else f"shr.u32 {dst}, $1, {-n};" if n < 0 else f"mov.b32 {dst}, $1;"
+  if code == "int4":
+    return (shift("t", -4 * j) + " lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6A; mov.b32 m, 0x43084308; "
+            "sub.bf16x2 $0, t, m;")
+  return (shift("m", 6 - 4 * j) + " and.b32 m, m, 0x01C001C0; " + shift("t", 12 - 4 * j) +
+          " lop3.b32 t, m, t, 0x80008000, 0xF8; mov.b32 m, 0x7E807E80; mul.rn.bf16x2 $0, t, m;")
 
 
 def _nibble_pairs(_, codes, *, code: str, width: int):
   """Mosaic GPU (lane level): 4-bit codes in the WGMMA_UPCAST_4X layout, 8 per register, to bf16 in the WGMMA
-  layout as `_widen` describes (`_PAIR_PTX` per pair), split into `width`-column arrays."""
+  layout as `_widen` describes (`_pair_ptx` per pair), split into `width`-column arrays."""
   import numpy as np
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils
@@ -144,8 +149,7 @@ def _nibble_pairs(_, codes, *, code: str, width: int):
   for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
     word = utils.bitcast(reg, i32)
     for j in range(4):
-      shift = f"shr.u32 t, $1, {4 * j};" if j else "mov.b32 t, $1;"
-      bf16x2 = llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + shift + " " + _PAIR_PTX[code] + " }", "=r,r")
+      bf16x2 = llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + _pair_ptx(code, j) + " }", "=r,r")
       out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(bf16x2, pair)
   per = width // 8  # 8-column register tiles per array
   return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
