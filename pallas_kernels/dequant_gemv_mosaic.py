@@ -35,10 +35,11 @@ from lowbit_jax.formats import ELEMENTS, Format
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
-__all__ = ["Config", "MAX_M", "dequant_gemv", "supports", "default_config"]
+__all__ = ["Config", "MAX_M", "dequant_gemv", "default_config", "rows", "smem_bytes", "supports"]
 
-MAX_M = 16  # activation rows the kernel takes (one wgmma N tile of 8 or 16)
+MAX_M = 256  # activation rows the kernel takes (one wgmma N tile of 8 to 256)
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
+_SMEM = 227 * 1024  # shared memory per block on Hopper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +54,33 @@ class Config:
   tiles: int = 1
 
 
-def default_config(n: int, k: int) -> Config:
+def rows(m: int) -> int:
+  """Activation rows the kernel computes for M rows: 8, or the next power of two up to 256 (the wgmma N)."""
+  return max(8, 1 << (m - 1).bit_length())
+
+
+def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
+  """Shared memory the pipeline takes: per stage the code tiles, scale rows and activation tile."""
+  cols = _TK * cfg.groups
+  scales = cols // block if block < _TK else 1
+  return cfg.stages * (_BN * cfg.tiles * (cols * bits // 8 + 2 * scales) + rows(m) * cols * 2)
+
+
+def default_config(n: int, k: int, m: int = 1) -> Config:
   """Two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until about 16 programs per
   SM (at most 16 ways). From the H100 sweep in BENCHMARKS.md: with the activations read as 8 rows (M <= 8), one row
   tile and many short programs beat two tiles by 5-14% (int4, (N, K) = (8192, 8192) and (28672, 8192))."""
-  groups = 2 if k % (2 * _TK) == 0 else 1
+  groups = 2 if k % (2 * _TK) == 0 and rows(m) <= 64 else 1
+  want = 16 * 132 if rows(m) <= 16 else 2 * 132
   split = 1
-  while n // _BN * split < 16 * 132 and split < 16 and k % (_TK * groups * split * 2) == 0:
+  # (and the float32 partials, 8 * split * M * N bytes written and read, within a quarter of the int4 codes)
+  while (n // _BN * split < want and split < 16 and k % (_TK * groups * split * 2) == 0
+         and 2 * split * m * 8 <= k // 4):
     split *= 2
-  return Config(split=split, groups=groups, stages=4, tiles=1)
+  stages = 4
+  while stages > 2 and smem_bytes(Config(split, groups, stages, 1), m, 8, 16) > _SMEM:
+    stages -= 1
+  return Config(split=split, groups=groups, stages=stages, tiles=1)
 
 
 def supports(fmt: Format, n: int, k: int) -> str | None:
@@ -274,24 +293,28 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   if reason:
     raise ValueError(f"dequant_gemv does not support {reason}.")
   m = x.shape[0]
-  if x.ndim != 2 or x.shape[1] != k or m > MAX_M:
+  if x.ndim != 2 or x.shape[1] != k or not 0 < m <= MAX_M:
     raise ValueError(f"dequant_gemv: x must be (M <= {MAX_M}, K = {k}), got {x.shape}.")
   if x.dtype != jnp.bfloat16:
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
-  cfg = config or default_config(n, k)
+  cfg = config or default_config(n, k, m)
   if k % (_TK * cfg.groups * cfg.split) or n % (_BN * cfg.tiles):
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
                      f"{_BN * cfg.tiles} rows per program).")
-  # The wgmma B operand, transposed: (8 or 16, K) rows of activations, zero-padded (wgmma's N is a multiple of 8).
-  xp = jnp.pad(x, ((0, (8 if m <= 8 else MAX_M) - m), (0, 0)))
   bits = fmt.element_type.bits
+  block = fmt.block[0] if fmt.block else _TK
+  if smem_bytes(cfg, m, bits, block) > _SMEM:
+    raise ValueError(f"dequant_gemv: {cfg} at M = {m} takes {smem_bytes(cfg, m, bits, block)} bytes of shared "
+                     f"memory (at most {_SMEM}): fewer stages, groups or tiles.")
+  # The wgmma B operand, transposed: (rows(M), K) activations, zero-padded (wgmma's N is a multiple of 8).
+  xp = jnp.pad(x, ((0, rows(m) - m), (0, 0)))
   if bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4-bit codes
   else:
     data = lax.bitcast_convert_type(w.data, jnp.int8)
   code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
-  kernel = functools.partial(_kernel, code=code, block=fmt.block[0] if fmt.block else _TK,
+  kernel = functools.partial(_kernel, code=code, block=block,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, backend=backend)
   parts = _backend.call(

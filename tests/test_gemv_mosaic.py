@@ -32,7 +32,7 @@ def _exact_weights_dot(x, w):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 9, 16])  # 8-row activation tiles up to M = 8, 16-row ones above
+@pytest.mark.parametrize("m", [1, 9, 16, 40])  # activation tiles of 8 rows up to M = 8, then 16, 32, 64, ...
 def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
   # The kernel rounds v * s to bfloat16 once, as dequantize does: only the float32 summation order may differ,
   # so the tolerance is far below a bfloat16 ulp of the weights (scaling on the float32 sum instead fails it).
@@ -49,6 +49,15 @@ def test_split_k_slices_per_step_and_row_tiles(split, groups, tiles):
   x, w = _operands(3, 128, 512, "int4_g128_sym", seed=7)
   y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
                    config=Config(split=split, groups=groups, stages=2, tiles=tiles))
+  ref = _exact_weights_dot(x, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.parametrize("fmt,m", [("int4_g128_sym", 256), ("mxfp4", 100), ("int8_channel_sym", 128)])
+def test_prefill_rows(fmt, m):
+  # The widest activation tiles (wgmma N up to 256), zero-padded from M to the next power of two.
+  x, w = _operands(m, 128, 256, fmt, seed=5)
+  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret")
   ref = _exact_weights_dot(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
@@ -76,7 +85,7 @@ def test_gpu_code_lowers_on_any_machine(fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
-    (17, 128, "int4_g128_sym", jnp.bfloat16, "interpret", "M <= 16"),
+    (257, 128, "int4_g128_sym", jnp.bfloat16, "interpret", "M <= 256"),
     (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4 and NVFP4"),
     (2, 128, "int8_g32_sym", jnp.bfloat16, "interpret", "groups of 128"),
     (2, 96, "int8_channel_sym", jnp.bfloat16, "interpret", "multiples of 64 and 128"),
