@@ -1,4 +1,5 @@
-"""Weight-only matmul for decode (M <= 16) in Pallas Mosaic GPU: y = x @ dequantize(w).T on Hopper tensor cores.
+"""Weight-only matmul for decode and short prefill (M <= 256) in Pallas Mosaic GPU: y = x @ dequantize(w).T on Hopper
+tensor cores.
 
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
@@ -7,11 +8,11 @@ also 32 and 64), or (N, 1) per channel; MXFP4 with E8M0 scales (N, K / 32); NVFP
 the float32 tensor scale g, which multiplies the float32 sum (as in dequant_matmul.py) where dequantize rounds
 v * s * g to bfloat16.
 
-Swap-AB: out^T (N, 8) = W (N, K) @ x^T (K, 8), x padded to 8 rows (16 for M > 8; wgmma's N is a multiple of 8) and
-handed to wgmma as a transposed shared-memory operand, so x stays row-major.
+Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x padded to R = 8 rows or the next power of two up to 256 (the
+wgmma N) and handed to wgmma as a transposed shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
 slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
-(8 or 16, 128 * groups) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
+(R, 128 * groups) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
 registers (int4: 8 codes per 32-bit load, K relabelled within every 32 and the activations to match, see
 `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
 `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. Programs
@@ -66,19 +67,22 @@ def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
   return cfg.stages * (_BN * cfg.tiles * (cols * bits // 8 + 2 * scales) + rows(m) * cols * 2)
 
 
-def default_config(n: int, k: int, m: int = 1) -> Config:
-  """Two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until about 16 programs per
-  SM (at most 16 ways). From the H100 sweep in BENCHMARKS.md: with the activations read as 8 rows (M <= 8), one row
-  tile and many short programs beat two tiles by 5-14% (int4, (N, K) = (8192, 8192) and (28672, 8192))."""
-  groups = 2 if k % (2 * _TK) == 0 and rows(m) <= 64 else 1
-  want = 16 * 132 if rows(m) <= 16 else 2 * 132
+def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
+  """The configuration for an (n, k) weight of `bits`-bit codes and M activation rows, from the H100 sweeps in
+  BENCHMARKS.md. M <= 16: two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until
+  about 16 programs per SM (at most 16 ways): with 8 activation rows, many short programs beat two row tiles by
+  5-14%. M > 16: K split until about one program per SM, as long as the float32 partials (written and read) stay
+  within a quarter of the int4 codes' bytes; one slice per step at 64 and 256 rows, two otherwise; as many stages
+  (up to 4) as shared memory holds."""
+  r = rows(m)
+  groups = 1 if r in (64, 256) or k % (2 * _TK) else 2
+  want = 16 * 132 if r <= 16 else 132
   split = 1
-  # (and the float32 partials, 8 * split * M * N bytes written and read, within a quarter of the int4 codes)
   while (n // _BN * split < want and split < 16 and k % (_TK * groups * split * 2) == 0
-         and 2 * split * m * 8 <= k // 4):
+         and (r <= 16 or 128 * split * m <= k)):  # doubling keeps 8 * split * m * n <= n * k / 8
     split *= 2
   stages = 4
-  while stages > 2 and smem_bytes(Config(split, groups, stages, 1), m, 8, 16) > _SMEM:
+  while stages > 2 and smem_bytes(Config(split, groups, stages, 1), m, bits, 16) > _SMEM:
     stages -= 1
   return Config(split=split, groups=groups, stages=stages, tiles=1)
 
@@ -176,7 +180,7 @@ def _nibble_pairs(_, codes, *, code: str, width: int):
 
 
 def _store_transposed(acc, ref):
-  """Stores a (64, 8 or 16) float32 wgmma accumulator into an (8 or 16, 64) shared-memory ref as its transpose."""
+  """Stores a (64, R) float32 wgmma accumulator into an (R, 64) shared-memory ref as its transpose."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
@@ -263,7 +267,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
 
   m = o_gmem.shape[1]
 
-  # The accumulators are out^T tiles (64 weight rows, 8 or 16 activation rows); they go out as (M, N) rows so that
+  # The accumulators are out^T tiles (64 weight rows, R activation rows); they go out as (M, N) rows so that
   # the split-K partials are summed over contiguous rows and nothing is transposed after the kernel.
   @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), jnp.float32))
   def _store(o_smem):
@@ -280,7 +284,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
 
 def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mosaic",
                  config: Config | None = None) -> jax.Array:
-  """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1, M <= 16; float32 accumulation.
+  """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1, M <= 256; float32 accumulation.
 
   Returns (M, N) in `out_dtype` (default x.dtype). `backend`: "mosaic" (Hopper GPUs) or "mosaic_interpret" (the
   Mosaic GPU interpreter, any device).
@@ -297,7 +301,7 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     raise ValueError(f"dequant_gemv: x must be (M <= {MAX_M}, K = {k}), got {x.shape}.")
   if x.dtype != jnp.bfloat16:
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
-  cfg = config or default_config(n, k, m)
+  cfg = config or default_config(n, k, m, fmt.element_type.bits)
   if k % (_TK * cfg.groups * cfg.split) or n % (_BN * cfg.tiles):
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
                      f"{_BN * cfg.tiles} rows per program).")

@@ -1,4 +1,4 @@
-"""Weight-only matmul with K-major (N, K) weights at M <= 16: the Mosaic GPU kernel (the Mosaic GPU interpreter on
+"""Weight-only matmul with K-major (N, K) weights at M <= 256: the Mosaic GPU kernel (the Mosaic GPU interpreter on
 CPU, which starts outputs as NaN; compiled with poisoned outputs on a Hopper GPU) against the dequantized weights."""
 
 import jax
