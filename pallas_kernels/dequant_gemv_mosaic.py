@@ -48,11 +48,14 @@ class Config:
   """split: programs sharing one row tile, each over 1/split of K (their float32 partials are summed after);
   groups: 128-wide K slices per pipeline step (one wgmma each, a single wait per step; int4 codes travel in
   TMA boxes of two where `groups` is even); stages: pipeline steps in flight (shared-memory buffers per
-  operand); tiles: 64-row wgmma tiles per program (one accumulator each, sharing the activation tile)."""
+  operand); tiles: 64-row wgmma tiles per program (one accumulator each, sharing the activation tile); wgs: compute
+  warpgroups per program (more than one: warp-specialized, each warpgroup with its own 64-row tile of the shared
+  activation tile and one more warpgroup issuing the copies; `tiles` must then be 1)."""
   split: int = 1
   groups: int = 2
   stages: int = 4
   tiles: int = 1
+  wgs: int = 1
 
 
 def rows(m: int) -> int:
@@ -64,7 +67,7 @@ def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
   """Shared memory the pipeline takes: per stage the code tiles, scale rows and activation tile."""
   cols = _TK * cfg.groups
   scales = cols // block if block < _TK else 1
-  return cfg.stages * (_BN * cfg.tiles * (cols * bits // 8 + 2 * scales) + rows(m) * cols * 2)
+  return cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + 2 * scales) + rows(m) * cols * 2)
 
 
 def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
@@ -192,7 +195,7 @@ def _store_transposed(acc, ref):
 
 
 def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int, groups: int, stages: int,
-            tiles: int, backend: str):
+            tiles: int, wgs: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   ni, si = _backend.program_id(0, backend=backend), _backend.program_id(1, backend=backend)
@@ -202,7 +205,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
   box = 1024 // bits if (groups * _TK) % (1024 // bits) == 0 else _TK
   w_sw = box * bits // 8
   boxes = groups * _TK // box
-  bn = _BN * tiles
+  bn = _BN * tiles * wgs
   mp = x_gmem.shape[0]
   width = max(block, 32)  # columns per wgmma: one scale block, or two blocks of 16
   x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one wgmma's activations per 8-row tile
@@ -210,13 +213,12 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
   blocks = groups * _TK // block  # scale blocks per step
   per = width // block  # scale blocks per wgmma slice
 
-  def step(_, *refs, accs, stash):
+  def step(_, *refs, tiles, stash):  # tiles: (weight rows of the step's tile, accumulator) pairs
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
     if per > 1:  # blocks of 16: relabelled column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`)
       col = lax.broadcasted_iota(jnp.int32, (_BN, width), 1)
       first_block = (col if interpret else plgpu.layout_cast(col, plgpu.Layout.WGMMA)) % 8 < 4
-    for r, acc_ref in enumerate(accs):
-      rows = pl.ds(r * _BN, _BN)
+    for rows, acc_ref in tiles:
       for b, w_smem in enumerate(w_smems):
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret)):
           j = b * (box // width) + h  # the wgmma slice of this step
@@ -246,29 +248,59 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
   w_spec = lambda b: plgpu.BlockSpec(
       (bn, box), lambda kk: (ni, (k0 + kk) * boxes + b),
       transforms=(plgpu.TilingTransform((8, box)), plgpu.SwizzleTransform(w_sw)))
+  in_specs = [
+      *map(w_spec, range(boxes)),
+      # (per-channel scales: one row, fetched again each step; the warp-specialized pipeline takes only inputs
+      # that follow the step)
+      plgpu.BlockSpec((1, bn) if per_channel else (blocks, bn), lambda kk: (kk * 0 if per_channel else k0 + kk, ni)),
+      plgpu.BlockSpec((mp, _TK * groups), lambda kk: (0, k0 + kk),
+                      transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
+  ]
+  operands = (*[w_gmem] * boxes, s_gmem, x_gmem)
+  # (the interpreter's shared-memory copies of the wgmma operands, one pair per compute warpgroup)
+  stash_types = (plgpu.SMEM((wgs, _BN, width), jnp.bfloat16), plgpu.SMEM((wgs, width, mp), jnp.bfloat16))
+  # The accumulators are out^T tiles (64 weight rows, R activation rows); they go out as (M, N) rows so that
+  # the split-K partials are summed over contiguous rows and nothing is transposed after the kernel.
+  if wgs > 1:
+    wg = lax.axis_index("wg")
+    rows = pl.ds(wg * _BN, _BN)
+    out = o_gmem.at[si, :, pl.ds(ni * bn + wg * _BN, _BN)]  # (R, 64): this warpgroup's columns, stored directly
+
+    def compute(eval_pipeline):
+      @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((_BN, mp)))
+      def _(acc_ref):
+        eval_pipeline(acc_ref)
+        if interpret:
+          out[...] = acc_ref[...].T
+        else:
+          _store_transposed(acc_ref[...], out)
+
+    def warp_specialized(*stash):
+      stash = tuple(ref.at[wg] for ref in stash)
+      plgpu.emit_pipeline_warp_specialized(  # (the body's last ref is the carry, this warpgroup's accumulator)
+          lambda _, *refs: step(_, *refs[:-1], tiles=[(rows, refs[-1])], stash=stash) or refs[-1], grid=(steps,),
+          memory_registers=40, in_specs=in_specs, max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=wgs,
+          compute_context=compute)(*operands)
+
+    if interpret:
+      pl.run_scoped(warp_specialized, *stash_types, collective_axes="wg")
+    else:
+      warp_specialized()
+    return
 
   def acc_scope(*accs, stash):
     plgpu.emit_pipeline(
-        functools.partial(step, accs=accs, stash=stash), grid=(steps,),
-        in_specs=[
-            *map(w_spec, range(boxes)),
-            plgpu.BlockSpec((1, bn) if per_channel else (blocks, bn), lambda kk: (0 if per_channel else k0 + kk, ni)),
-            plgpu.BlockSpec((mp, _TK * groups), lambda kk: (0, k0 + kk),
-                            transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
-        ],
-        max_concurrent_steps=stages)(*[w_gmem] * boxes, s_gmem, x_gmem)
+        functools.partial(step, tiles=[(pl.ds(r * _BN, _BN), acc) for r, acc in enumerate(accs)],
+                          stash=tuple(ref.at[0] for ref in stash)),
+        grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages)(*operands)
     return [acc_ref[...] for acc_ref in accs]
 
-  def with_stash(*stash):  # (the interpreter's shared-memory copies of the wgmma operands: their own scope)
+  def with_stash(*stash):
     return pl.run_scoped(functools.partial(acc_scope, stash=stash), *[plgpu.ACC((_BN, mp))] * tiles)
 
-  accs = (pl.run_scoped(with_stash, plgpu.SMEM((_BN, width), jnp.bfloat16), plgpu.SMEM((width, mp), jnp.bfloat16))
-          if interpret else with_stash())
-
+  accs = pl.run_scoped(with_stash, *stash_types) if interpret else with_stash()
   m = o_gmem.shape[1]
 
-  # The accumulators are out^T tiles (64 weight rows, R activation rows); they go out as (M, N) rows so that
-  # the split-K partials are summed over contiguous rows and nothing is transposed after the kernel.
   @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), jnp.float32))
   def _store(o_smem):
     for r, acc in enumerate(accs):
@@ -302,9 +334,10 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   if x.dtype != jnp.bfloat16:
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
   cfg = config or default_config(n, k, m, fmt.element_type.bits)
-  if k % (_TK * cfg.groups * cfg.split) or n % (_BN * cfg.tiles):
+  bn = _BN * cfg.tiles * cfg.wgs
+  if k % (_TK * cfg.groups * cfg.split) or n % bn or cfg.wgs > 1 and cfg.tiles > 1:
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
-                     f"{_BN * cfg.tiles} rows per program).")
+                     f"{bn} rows per program; one tile per warpgroup with wgs > 1).")
   bits = fmt.element_type.bits
   block = fmt.block[0] if fmt.block else _TK
   if smem_bytes(cfg, m, bits, block) > _SMEM:
@@ -320,12 +353,15 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
   kernel = functools.partial(_kernel, code=code, block=block,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
-                             tiles=cfg.tiles, backend=backend)
+                             tiles=cfg.tiles, wgs=cfg.wgs, backend=backend)
+  # (warp-specialized programs store all R rows straight from registers; the others, M rows through TMA)
+  out_rows = rows(m) if cfg.wgs > 1 else m
   parts = _backend.call(
-      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, m, n), jnp.float32),
-      grid=(n // (_BN * cfg.tiles), cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}")(
+      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n), jnp.float32),
+      grid=(n // bn, cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}",
+      threads=cfg.wgs + 1 if cfg.wgs > 1 else 1)(
           data, w.scale.T.astype(jnp.bfloat16), xp)  # E8M0 and E4M3 scales widen to bf16 exactly
-  y = jnp.sum(parts, axis=0)
+  y = jnp.sum(parts[:, :m], axis=0)
   if w.tensor_scale is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py
     y = y * w.tensor_scale.astype(jnp.float32)
   return y.astype(out_dtype or x.dtype)

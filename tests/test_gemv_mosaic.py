@@ -43,12 +43,13 @@ def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@pytest.mark.parametrize("split,groups,tiles", [(1, 1, 1), (4, 1, 1), (1, 4, 2), (2, 2, 2)])
-def test_split_k_slices_per_step_and_row_tiles(split, groups, tiles):
+@pytest.mark.parametrize("split,groups,tiles,wgs", [(1, 1, 1, 1), (4, 1, 1, 1), (1, 4, 2, 1), (2, 2, 2, 1),
+                                                    (2, 1, 1, 2)])
+def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, wgs):
   # Odd `groups` take the int4 codes in 64-byte boxes, even ones in 128-byte boxes of two slices.
   x, w = _operands(3, 128, 512, "int4_g128_sym", seed=7)
   y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
-                   config=Config(split=split, groups=groups, stages=2, tiles=tiles))
+                   config=Config(split=split, groups=groups, stages=2, tiles=tiles, wgs=wgs))
   ref = _exact_weights_dot(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
@@ -58,6 +59,17 @@ def test_prefill_rows(fmt, m):
   # The widest activation tiles (wgmma N up to 256), zero-padded from M to the next power of two.
   x, w = _operands(m, 128, 256, fmt, seed=5)
   y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret")
+  ref = _exact_weights_dot(x, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.parametrize("fmt,m,wgs", [("mxfp4", 40, 2), ("nvfp4", 9, 2), ("int8_channel_sym", 64, 3),
+                                        ("int4_g32_sym", 1, 2)])
+def test_warp_specialized(fmt, m, wgs):
+  # Compute warpgroups with a 64-row weight tile each over one activation tile, a copy warpgroup feeding them.
+  x, w = _operands(m, 64 * wgs * 2, 256, fmt, seed=11)
+  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
+                   config=Config(split=2, groups=1, stages=2, wgs=wgs))
   ref = _exact_weights_dot(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
