@@ -74,20 +74,20 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   """The configuration for an (n, k) weight of `bits`-bit codes and M activation rows, from the H100 sweeps in
   BENCHMARKS.md. M <= 16: two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until
   about 16 programs per SM (at most 16 ways): with 8 activation rows, many short programs beat two row tiles by
-  5-14%. M > 16: K split until about one program per SM, as long as the float32 partials (written and read) stay
-  within a quarter of the int4 codes' bytes; one slice per step at 64 and 256 rows, two otherwise; as many stages
-  (up to 4) as shared memory holds."""
+  5-14%, and a second warpgroup loses 5-25%. Above, K split until about one 64-row tile per SM; M = 17-32 as
+  M <= 16 otherwise; M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256
+  rows), two slices per step at 64 rows and one above, as many stages (up to 4) as fit."""
   r = rows(m)
-  groups = 1 if r in (64, 256) or k % (2 * _TK) else 2
-  want = 16 * 132 if r <= 16 else 132
+  wgs = 2 if r > 32 and n % (2 * _BN) == 0 else 1
+  groups = 1 if r > 64 or k % (2 * _TK) else 2
+  want = 16 * 132 if r <= 16 else 132  # 64-row tiles (per warpgroup) to aim for
   split = 1
-  while (n // _BN * split < want and split < 16 and k % (_TK * groups * split * 2) == 0
-         and (r <= 16 or 128 * split * m <= k)):  # doubling keeps 8 * split * m * n <= n * k / 8
+  while n // _BN * split < want and split < 16 and k % (_TK * groups * split * 2) == 0:
     split *= 2
   stages = 4
-  while stages > 2 and smem_bytes(Config(split, groups, stages, 1), m, bits, 16) > _SMEM:
+  while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _SMEM:
     stages -= 1
-  return Config(split=split, groups=groups, stages=stages, tiles=1)
+  return Config(split=split, groups=groups, stages=stages, tiles=1, wgs=wgs)
 
 
 def supports(fmt: Format, n: int, k: int) -> str | None:

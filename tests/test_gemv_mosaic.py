@@ -54,10 +54,12 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@pytest.mark.parametrize("fmt,m", [("int4_g128_sym", 256), ("mxfp4", 100), ("int8_channel_sym", 128)])
-def test_prefill_rows(fmt, m):
-  # The widest activation tiles (wgmma N up to 256), zero-padded from M to the next power of two.
-  x, w = _operands(m, 128, 256, fmt, seed=5)
+@pytest.mark.parametrize("fmt,m,n", [("int4_g128_sym", 256, 128), ("mxfp4", 100, 128), ("int8_channel_sym", 128, 128),
+                                      ("nvfp4", 64, 192)])
+def test_prefill_rows(fmt, m, n):
+  # The widest activation tiles (wgmma N up to 256), zero-padded from M to the next power of two; the default
+  # configuration's two warpgroups per program, or one where N is an odd number of 64-row tiles.
+  x, w = _operands(m, n, 256, fmt, seed=5)
   y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret")
   ref = _exact_weights_dot(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
