@@ -130,7 +130,7 @@ def k_major(args) -> None:
   print(f"device copy: {bw / 1e9:.0f} GB/s; floor = max(bytes / copy bandwidth, 2MNK / {BF16_PEAK / 1e12:.0f} "
         "TFLOP/s)\n")
   sweep = [dequant_gemv_mosaic.Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
-  print("| format | M | N | K | split:groups:stages:tiles | kernel us | GB/s | of floor | vs bf16 dot | "
+  print("| format | M | N | K | split:groups:stages:tiles:wgs | kernel us | GB/s | of floor | vs bf16 dot | "
         "vs dequant+dot | vs lb.matmul, (K, N) weights |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   dn = (((1,), (1,)), ((), ()))
@@ -152,7 +152,7 @@ def k_major(args) -> None:
           t_kn = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, kn)
           rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
           del kn
-        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages}:{cfg.tiles} | {t * 1e6:.1f} | "
+        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages}:{cfg.tiles}:{cfg.wgs} | {t * 1e6:.1f} | "
               f"{nbytes / t / 1e9:.0f} | {floor / t:.2f} | {t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
       del qws
 

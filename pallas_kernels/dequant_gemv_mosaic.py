@@ -74,7 +74,7 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   """The configuration for an (n, k) weight of `bits`-bit codes and M activation rows, from the H100 sweeps in
   BENCHMARKS.md. M <= 16: two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until
   about 16 programs per SM (at most 16 ways): with 8 activation rows, many short programs beat two row tiles by
-  5-14%, and a second warpgroup loses 5-25%. Above, K split until about one 64-row tile per SM; M = 17-32 as
+  5-14%, and a second warpgroup ran up to 31% slower. Above, K split until about one 64-row tile per SM; M = 17-32 as
   M <= 16 otherwise; M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256
   rows), two slices per step at 64 rows and one above, as many stages (up to 4) as fit."""
   r = rows(m)

@@ -123,7 +123,7 @@ class QLinear(_QLayer):
   """`nnx.Linear` with a quantized kernel: y = x @ w + b for x (..., in_features) and w (in_features,
   out_features) quantized along axis 0, or with `k_major=True` held as w.T (out_features, in_features) quantized
   along axis 1: contiguous along the contraction, the layout of the Mosaic GPU decode kernel (Hopper, int4 / int8 /
-  MXFP4 / NVFP4 weights, at most 16 rows per call). Either way the layer computes the same values.
+  MXFP4 / NVFP4 weights, at most 256 rows per call). Either way the layer computes the same values.
 
   Example:
     >>> import jax.numpy as jnp
@@ -546,7 +546,7 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
     rules: a mapping (or sequence of pairs) from regex to format spec.
     qat: build QAT layers (float kernels, fake-quantized in the forward pass) instead of quantized ones.
     k_major: hold QLinear / QLinearGeneral kernels (out, in), the layout of the Mosaic GPU decode kernel (on a
-      Hopper GPU, int4 / int8 / MXFP4 / NVFP4 weights at M <= 16: see `QLinear`).
+      Hopper GPU, int4 / int8 / MXFP4 / NVFP4 weights at M <= 256: see `QLinear`).
     backend: the `lowbit_jax.dot_general` backend the new layers use (default: automatic).
     verbose: draw a progress bar over the layers on stderr and print the summary.
 
