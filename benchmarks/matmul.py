@@ -160,8 +160,9 @@ def k_major(args) -> None:
 def pairs(args) -> None:
   """Both operands quantized (A8W8, A8W4, ...): time per call and speed-up over XLA bf16 from the same run.
 
-  Rows: weights (K, N) as the weight-only benchmark stores them and, for int8 and block FP8, K-major (N, K)
-  weights (their MMAs read K-major; (K, N) weights pay a transpose per call). "dispatch" is `lb.dot_general`'s
+  Rows: weights (K, N) as the weight-only benchmark stores them and, for int8, block FP8 and the weights the Mosaic
+  kernel takes, K-major (N, K) weights (their MMAs read K-major; (K, N) weights pay a transpose per call; few rows
+  of MX / NVFP4 activations stream K-major weights through the Mosaic kernel). "dispatch" is `lb.dot_general`'s
   choice (the int8 and block-FP8 kernels on a GPU), "XLA" forces the XLA path, "act_format" quantizes the bf16
   activation inside the call."""
   print(header())
@@ -181,7 +182,9 @@ def pairs(args) -> None:
     for pair in args.pairs.split(","):
       fa, fw = pair.split(":")
       qxs = [lb.quantize(x, fa, axis=1) for x in xs]
-      layouts = [("(K, N)", 0)] + ([("(N, K)", 1)] if fw in ("int8_channel_sym", "fp8_block_128x128") else [])
+      k_major = (fw in ("int8_channel_sym", "fp8_block_128x128")
+                 or dequant_gemv_mosaic.supports(lb.get_format(fw), n, k) is None)
+      layouts = [("(K, N)", 0)] + ([("(N, K)", 1)] if k_major else [])
       two_d = len(lb.get_format(fw).block or ()) == 2
       for label, rc in layouts:
         qws = [lb.quantize(w if rc == 0 else w.T, fw, axis=1 if two_d or rc == 1 else 0) for w in bf16_ws]
