@@ -16,7 +16,10 @@ slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the 
 registers (int4: 8 codes per 32-bit load, K relabelled within every 32 and the activations to match, see
 `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
 `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. Programs
-write their M real rows, (M, N); with split-K, float32 (split, M, N) partials that XLA sums. Unlike the
+write their M real rows, (M, N); with split-K, float32 (split, M, N) partials that XLA sums. With `wgs` > 1
+(the default above 32 rows) a program is warp-specialized: that many compute warpgroups, each with its own 64-row
+weight tile over the shared activation tile and storing its R rows straight from registers, and one more
+warpgroup that issues the TMA copies. Unlike the
 Pallas-Triton kernel of dequant_matmul.py, the weights stream through TMA into shared memory instead of per-thread
 loads, which is what bound that kernel at small M (BENCHMARKS.md).
 """
