@@ -141,7 +141,7 @@ def k_major(args) -> None:
       qws = [lb.quantize(w.T, name, axis=1) for w in bf16_ws]
       nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
       floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)
-      bits = lb.get_format(name).element_type.bits
+      bits = qws[0].format.element_type.bits
       for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k, m, bits)]:
         t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
                        xs, qws)
@@ -152,8 +152,9 @@ def k_major(args) -> None:
           t_kn = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, kn)
           rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
           del kn
-        print(f"| {name} | {m} | {n} | {k} | {cfg.split}:{cfg.groups}:{cfg.stages}:{cfg.tiles}:{cfg.wgs} | {t * 1e6:.1f} | "
-              f"{nbytes / t / 1e9:.0f} | {floor / t:.2f} | {t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
+        c = f"{cfg.split}:{cfg.groups}:{cfg.stages}:{cfg.tiles}:{cfg.wgs}"
+        print(f"| {name} | {m} | {n} | {k} | {c} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {floor / t:.2f} | "
+              f"{t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
       del qws
 
 

@@ -39,7 +39,7 @@ from lowbit_jax.formats import ELEMENTS, Format
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
-__all__ = ["Config", "MAX_M", "dequant_gemv", "default_config", "rows", "smem_bytes", "supports"]
+__all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "smem_bytes", "supports"]
 
 MAX_M = 256  # activation rows the kernel takes (one wgmma N tile of 8 to 256)
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
@@ -61,26 +61,27 @@ class Config:
   wgs: int = 1
 
 
-def rows(m: int) -> int:
+def activation_rows(m: int) -> int:
   """Activation rows the kernel computes for M rows: 8, or the next power of two up to 256 (the wgmma N)."""
   return max(8, 1 << (m - 1).bit_length())
 
 
 def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
-  """Shared memory the pipeline takes: per stage the code tiles, scale rows and activation tile."""
+  """Shared memory the pipeline takes: per stage the code tiles, scale rows and activation tile (`block`: the
+  scale block along K; per-channel scales counted as blocks of 128, an overestimate of at most 256 bytes)."""
   cols = _TK * cfg.groups
-  scales = cols // block if block < _TK else 1
-  return cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + 2 * scales) + rows(m) * cols * 2)
+  scales = cols // block
+  return cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + 2 * scales) + activation_rows(m) * cols * 2)
 
 
 def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   """The configuration for an (n, k) weight of `bits`-bit codes and M activation rows, from the H100 sweeps in
   BENCHMARKS.md. M <= 16: two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until
   about 16 programs per SM (at most 16 ways): with 8 activation rows, many short programs beat two row tiles by
-  5-14%, and a second warpgroup ran up to 31% slower. Above, K split until about one 64-row tile per SM; M = 17-32 as
-  M <= 16 otherwise; M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256
-  rows), two slices per step at 64 rows and one above, as many stages (up to 4) as fit."""
-  r = rows(m)
+  5-14%, and a second warpgroup ran up to 31% slower. M = 17-32: the same, K split until about one 64-row tile per
+  SM. M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256 rows), K split as
+  at 17-32, two slices per step at 64 rows and one above, as many stages (up to 4) as fit."""
+  r = activation_rows(m)
   wgs = 2 if r > 32 and n % (2 * _BN) == 0 else 1
   groups = 1 if r > 64 or k % (2 * _TK) else 2
   want = 16 * 132 if r <= 16 else 132  # 64-row tiles (per warpgroup) to aim for
@@ -336,18 +337,18 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     raise ValueError(f"dequant_gemv: x must be (M <= {MAX_M}, K = {k}), got {x.shape}.")
   if x.dtype != jnp.bfloat16:
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
-  cfg = config or default_config(n, k, m, fmt.element_type.bits)
+  bits = fmt.element_type.bits
+  block = fmt.block[0] if fmt.block else _TK
+  cfg = config or default_config(n, k, m, bits)
   bn = _BN * cfg.tiles * cfg.wgs
   if k % (_TK * cfg.groups * cfg.split) or n % bn or cfg.wgs > 1 and cfg.tiles > 1:
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
                      f"{bn} rows per program; one tile per warpgroup with wgs > 1).")
-  bits = fmt.element_type.bits
-  block = fmt.block[0] if fmt.block else _TK
   if smem_bytes(cfg, m, bits, block) > _SMEM:
     raise ValueError(f"dequant_gemv: {cfg} at M = {m} takes {smem_bytes(cfg, m, bits, block)} bytes of shared "
                      f"memory (at most {_SMEM}): fewer stages, groups or tiles.")
-  # The wgmma B operand, transposed: (rows(M), K) activations, zero-padded (wgmma's N is a multiple of 8).
-  xp = jnp.pad(x, ((0, rows(m) - m), (0, 0)))
+  # The wgmma B operand, transposed: (activation_rows(M), K) activations, zero-padded (wgmma's N is a multiple of 8).
+  xp = jnp.pad(x, ((0, activation_rows(m) - m), (0, 0)))
   if bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4-bit codes
@@ -358,7 +359,7 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, wgs=cfg.wgs, backend=backend)
   # (warp-specialized programs store all R rows straight from registers; the others, M rows through TMA)
-  out_rows = rows(m) if cfg.wgs > 1 else m
+  out_rows = activation_rows(m) if cfg.wgs > 1 else m
   parts = _backend.call(
       kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n), jnp.float32),
       grid=(n // bn, cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}",
