@@ -31,16 +31,23 @@ def _exact_weights_dot(x, w):
   return jnp.dot(x.astype(jnp.float32), lb.dequantize(w, dtype).astype(jnp.float32).T, precision="highest")
 
 
+def _kernel_equals_exact_dot(x, w, config=None):
+  """The kernel's float32 output (the Mosaic GPU interpreter off a Hopper GPU) against `_exact_weights_dot`: only the
+  float32 summation order may differ, so the tolerance is far below a bfloat16 ulp of the weights."""
+  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
+                   config=config)
+  ref = _exact_weights_dot(x, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  return y
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", [1, 9, 16, 40])  # activation tiles of 8 rows up to M = 8, then 16, 32, 64, ...
 def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
-  # The kernel rounds v * s to bfloat16 once, as dequantize does: only the float32 summation order may differ,
-  # so the tolerance is far below a bfloat16 ulp of the weights (scaling on the float32 sum instead fails it).
+  # The kernel rounds v * s to bfloat16 once, as dequantize does (scaling on the float32 sum instead fails this).
   x, w = _operands(m, 128, 512, fmt, seed=m)
-  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret")
-  ref = _exact_weights_dot(x, w)
+  y = _kernel_equals_exact_dot(x, w)
   assert y.shape == (m, 128) and not np.isnan(np.asarray(y)).any()
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
 @pytest.mark.parametrize("split,groups,tiles,wgs", [(1, 1, 1, 1), (4, 1, 1, 1), (1, 4, 2, 1), (2, 2, 2, 1),
@@ -48,10 +55,7 @@ def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
 def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, wgs):
   # Odd `groups` take the int4 codes in 64-byte boxes, even ones in 128-byte boxes of two slices.
   x, w = _operands(3, 128, 512, "int4_g128_sym", seed=7)
-  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
-                   config=Config(split=split, groups=groups, stages=2, tiles=tiles, wgs=wgs))
-  ref = _exact_weights_dot(x, w)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  _kernel_equals_exact_dot(x, w, Config(split=split, groups=groups, stages=2, tiles=tiles, wgs=wgs))
 
 
 @pytest.mark.parametrize("fmt,m,n", [("int4_g128_sym", 256, 128), ("mxfp4", 100, 128), ("int8_channel_sym", 128, 128),
@@ -59,21 +63,14 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
 def test_prefill_rows(fmt, m, n):
   # The widest activation tiles (wgmma N up to 256), zero-padded from M to the next power of two; the default
   # configuration's two warpgroups per program, or one where N is an odd number of 64-row tiles.
-  x, w = _operands(m, n, 256, fmt, seed=5)
-  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret")
-  ref = _exact_weights_dot(x, w)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  _kernel_equals_exact_dot(*_operands(m, n, 256, fmt, seed=5))
 
 
 @pytest.mark.parametrize("fmt,m,wgs", [("mxfp4", 40, 2), ("nvfp4", 9, 2), ("int8_channel_sym", 64, 3),
                                         ("int4_g32_sym", 1, 2)])
 def test_warp_specialized(fmt, m, wgs):
   # Compute warpgroups with a 64-row weight tile each over one activation tile, a copy warpgroup feeding them.
-  x, w = _operands(m, 64 * wgs * 2, 256, fmt, seed=11)
-  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
-                   config=Config(split=2, groups=1, stages=2, wgs=wgs))
-  ref = _exact_weights_dot(x, w)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  _kernel_equals_exact_dot(*_operands(m, 64 * wgs * 2, 256, fmt, seed=11), Config(split=2, groups=1, stages=2, wgs=wgs))
 
 
 def test_dot_general_leading_dims_jit_and_dispatch():
