@@ -198,8 +198,23 @@ def _store_transposed(acc, ref):
   store(acc, ref)
 
 
-def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int, groups: int, stages: int,
-            tiles: int, wgs: int, backend: str):
+def _scale_bf16(s: jax.Array) -> jax.Array:
+  """Block scales as bfloat16, exactly: bfloat16 ones as they are, E4M3 converted, E8M0 (as its uint8 bits: Hopper
+  converts no E8M0) by bit arithmetic: 2^(e - 127) is bf16 bits e << 7, e = 0 the bf16 subnormal 2^-127, 255 NaN."""
+  if s.dtype == jnp.uint8:
+    e = s.astype(jnp.int32)
+    bits = jnp.where(e == 0, 0x40, jnp.where(e == 255, 0x7FC0, e << 7))
+    return lax.bitcast_convert_type(bits.astype(jnp.int16), jnp.bfloat16)
+  return s if s.dtype == jnp.bfloat16 else s.astype(jnp.float32).astype(jnp.bfloat16)
+
+
+def _scale_window(dtype, blocks: int) -> int:
+  """Scale columns per TMA box: at least 16 bytes (TMA's narrowest box row) and a step's `blocks`."""
+  return max(16 // jnp.dtype(dtype).itemsize, blocks)
+
+
+def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, per_channel: bool, steps: int, groups: int,
+            stages: int, tiles: int, wgs: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   ni, si = _backend.program_id(0, backend=backend), _backend.program_id(1, backend=backend)
@@ -213,12 +228,18 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
   mp = x_gmem.shape[0]
   width = max(block, 32)  # columns per wgmma: one scale block, or two blocks of 16
   x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one wgmma's activations per 8-row tile
-  per_channel = s_gmem.shape[0] == 1
+  g_gmem, o_gmem = refs if len(refs) == 2 else (None, *refs)
   blocks = groups * _TK // block  # scale blocks per step
   per = width // block  # scale blocks per wgmma slice
+  win = 1 if per_channel else _scale_window(s_gmem.dtype, blocks)
 
-  def step(_, *refs, tiles, stash):  # tiles: (weight rows of the step's tile, accumulator) pairs
+  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g, in the output dtype
+    return (acc if g_gmem is None else acc * g_gmem[0]).astype(o_gmem.dtype)
+
+  def step(idx, *refs, tiles, stash):  # tiles: (weight rows of the step's tile, accumulator) pairs
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
+    # This step's first scale column in its TMA window of `win` columns (0 where a window is one step's blocks).
+    first = 0 if win == blocks else (k0 + idx[0]) * blocks % win
     if per > 1:  # blocks of 16: relabelled column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`)
       col = lax.broadcasted_iota(jnp.int32, (_BN, width), 1)
       first_block = (col if interpret else plgpu.layout_cast(col, plgpu.Layout.WGMMA)) % 8 < 4
@@ -227,12 +248,13 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret)):
           j = b * (box // width) + h  # the wgmma slice of this step
 
-          def scale(i):  # (64, width): scale row i of this step along the slice's rows
+          def scale(i):  # (64, width): the step's scale column i along the slice's rows, as bfloat16
+            ref = s_smem.at[0, rows] if per_channel else s_smem.at[rows, first + i]
             if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
-              s = s_smem[i, rows]
+              s = ref[...]
             else:
-              s = plgpu.load(s_smem.at[i, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
-            return lax.broadcast_in_dim(s, a.shape, [0])
+              s = plgpu.load(ref, None, layout=plgpu.Layout.WGMMA.reduce(1))
+            return lax.broadcast_in_dim(_scale_bf16(s), a.shape, [0])
 
           if per_channel:
             a = a * scale(0)
@@ -254,9 +276,10 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
       transforms=(plgpu.TilingTransform((8, box)), plgpu.SwizzleTransform(w_sw)))
   in_specs = [
       *map(w_spec, range(boxes)),
-      # (per-channel scales: one row, fetched again each step; the warp-specialized pipeline takes only inputs
-      # that follow the step)
-      plgpu.BlockSpec((1, bn) if per_channel else (blocks, bn), lambda kk: (kk * 0 if per_channel else k0 + kk, ni)),
+      # Scales as stored, (N, K / B): a window of `win` columns, fetched again for each step it spans (per-channel
+      # ones, (1, N), every step: the warp-specialized pipeline takes only inputs that follow the step).
+      plgpu.BlockSpec((1, bn), lambda kk: (kk * 0, ni)) if per_channel else
+      plgpu.BlockSpec((bn, win), lambda kk: (ni, (k0 + kk) * blocks // win)),
       plgpu.BlockSpec((mp, _TK * groups), lambda kk: (0, k0 + kk),
                       transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
   ]
@@ -275,9 +298,9 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
       def _(acc_ref):
         eval_pipeline(acc_ref)
         if interpret:
-          out[...] = acc_ref[...].T
+          out[...] = finish(acc_ref[...]).T
         else:
-          _store_transposed(acc_ref[...], out)
+          _store_transposed(finish(acc_ref[...]), out)
 
     def warp_specialized(*stash):
       stash = tuple(ref.at[wg] for ref in stash)
@@ -305,13 +328,13 @@ def _kernel(w_gmem, s_gmem, x_gmem, o_gmem, *, code: str, block: int, steps: int
   accs = pl.run_scoped(with_stash, *stash_types) if interpret else with_stash()
   m = o_gmem.shape[1]
 
-  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), jnp.float32))
+  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), o_gmem.dtype))
   def _store(o_smem):
     for r, acc in enumerate(accs):
       if interpret:
-        o_smem[r] = acc.T
+        o_smem[r] = finish(acc).T
       else:
-        _store_transposed(acc, o_smem.at[r])
+        _store_transposed(finish(acc), o_smem.at[r])
     plgpu.commit_smem()
     for r in range(tiles):
       plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, m)], o_gmem.at[si, :, pl.ds(ni * bn + r * _BN, _BN)])
@@ -355,17 +378,29 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   else:
     data = lax.bitcast_convert_type(w.data, jnp.int8)
   code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
-  kernel = functools.partial(_kernel, code=code, block=block,
+  if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)
+    scale = w.scale.reshape(1, n)
+  else:  # (N, K / B) as stored; E8M0 as its bits, columns padded to whole TMA windows
+    scale = lax.bitcast_convert_type(w.scale, jnp.uint8) if w.scale.dtype == jnp.float8_e8m0fnu else w.scale
+    win = _scale_window(scale.dtype, cfg.groups * _TK // block)
+    scale = jnp.pad(scale, ((0, 0), (0, -scale.shape[1] % win)))
+  kernel = functools.partial(_kernel, code=code, block=block, per_channel=fmt.block is None,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, wgs=cfg.wgs, backend=backend)
-  # (warp-specialized programs store all R rows straight from registers; the others, M rows through TMA)
+  # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA. A single
+  # K split writes the result (NVFP4's g applied, in out_dtype); more write float32 partials that XLA sums.
   out_rows = activation_rows(m) if cfg.wgs > 1 else m
+  out_dtype = out_dtype or x.dtype
+  g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
+  final = cfg.split == 1
   parts = _backend.call(
-      kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n), jnp.float32),
+      kernel, backend=backend,
+      out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n), out_dtype if final else jnp.float32),
       grid=(n // bn, cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}",
-      threads=cfg.wgs + 1 if cfg.wgs > 1 else 1)(
-          data, w.scale.T.astype(jnp.bfloat16), xp)  # E8M0 and E4M3 scales widen to bf16 exactly
+      threads=cfg.wgs + 1 if cfg.wgs > 1 else 1)(data, scale, xp, *([g] if final and g is not None else []))
+  if final:
+    return parts[0, :m]
   y = jnp.sum(parts[:, :m], axis=0)
-  if w.tensor_scale is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py
-    y = y * w.tensor_scale.astype(jnp.float32)
-  return y.astype(out_dtype or x.dtype)
+  if g is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py
+    y = y * g[0]
+  return y.astype(out_dtype)

@@ -3,6 +3,7 @@ CPU, which starts outputs as NaN; compiled with poisoned outputs on a Hopper GPU
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -107,3 +108,33 @@ def test_what_the_kernel_does_not_take(m, n, fmt, dtype, backend, match):
   x, w = _operands(m, n, 256, fmt)
   with pytest.raises(ValueError, match=match):
     lb.dot_general(x.astype(dtype), w, DN, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e8m0fnu", "float8_e4m3fn"])
+def test_scales_widen_exactly(dtype):
+  # Every byte of a one-byte scale (the kernel's own conversion: Hopper has none for E8M0) against ml_dtypes: the
+  # E8M0 bf16 subnormal 2^-127 and NaN, E4M3 subnormals, NaN and negative zero.
+  from pallas_kernels.dequant_gemv_mosaic import _scale_bf16
+  bits = np.arange(256, dtype=np.uint8)
+  stored = bits if dtype == "float8_e8m0fnu" else bits.view(ml_dtypes.float8_e4m3fn)
+  got = np.asarray(jax.jit(_scale_bf16)(jnp.asarray(stored))).view(np.uint16)
+  want = bits.view(getattr(ml_dtypes, dtype)).astype(ml_dtypes.bfloat16)
+  nan = np.isnan(want.astype(np.float32))
+  np.testing.assert_array_equal(got[~nan], want[~nan].view(np.uint16))
+  assert np.isnan(got.view(ml_dtypes.bfloat16).astype(np.float32)[nan]).all()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4_g128_sym", "int8_channel_sym"])
+def test_special_weights(fmt):
+  # NaN and Inf in a block (NaN scales), a row at the smallest E8M0 scale (2^-127, a bf16 subnormal), a row near
+  # the float32 limit: each output column against its own exact dot, so tiny columns are not lost beside huge ones.
+  w = np.asarray(jax.random.normal(jax.random.key(3), (128, 256), jnp.float32)) * 0.1
+  w[0, 5], w[1, 40], w[2], w[3] = np.nan, np.inf, 2.0**-125, 1e30
+  w = lb.quantize(jnp.asarray(w), fmt, axis=1)
+  x = jax.random.normal(jax.random.key(4), (5, 256), jnp.float32).astype(jnp.bfloat16)
+  y = np.asarray(dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else
+                              "mosaic_interpret"))
+  ref = np.asarray(_exact_weights_dot(x, w))
+  assert np.isnan(ref[:, 0]).all()
+  for j in range(ref.shape[1]):
+    np.testing.assert_allclose(y[:, j], ref[:, j], rtol=0, atol=1e-5 * np.nanmax(np.abs(ref[:, j]), initial=0))
