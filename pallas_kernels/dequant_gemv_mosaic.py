@@ -186,6 +186,30 @@ def _nibble_pairs(_, codes, *, code: str, width: int):
           for i in range(0, out.shape[1], per)]
 
 
+def _load_column(ref, col) -> jax.Array:
+  """Column `col` (a scalar) of a (64, C) shared-memory ref, in the wgmma row layout (each thread the values of its
+  two accumulator rows). Scalar loads: Mosaic GPU's layout inference takes no strided (non-contiguous) refs."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  signed = False if jnp.issubdtype(ref.dtype, jnp.integer) else None  # (E8M0 scales arrive as uint8)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT(())),
+                     return_type=plgpu.ShapeDtypeStruct((_BN,), ref.dtype, layout=plgpu.Layout.WGMMA.reduce(1)))
+  def load(_, ref, col):
+    import numpy as np
+    from jax.experimental.mosaic import gpu as mgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, memref, vector
+    layout = mgpu.WGMMA_ROW_LAYOUT
+    col = arith.index_cast(ir.IndexType.get(), col.registers.item())
+    dtype = ir.MemRefType(ref.type).element_type
+    regs = np.empty(layout.registers_shape((_BN,)), dtype=object)
+    for idx, (row,) in zip(np.ndindex(regs.shape), layout.thread_idxs((_BN,))):
+      regs[idx] = vector.broadcast(ir.VectorType.get((1,), dtype), memref.load(ref, [row, col]))
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=signed)
+
+  return load(ref, jnp.asarray(col, jnp.int32))
+
+
 def _store_transposed(acc, ref):
   """Stores a (64, R) float32 wgmma accumulator into an (R, 64) shared-memory ref as its transpose."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -249,11 +273,12 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, per_channel: b
           j = b * (box // width) + h  # the wgmma slice of this step
 
           def scale(i):  # (64, width): the step's scale column i along the slice's rows, as bfloat16
-            ref = s_smem.at[0, rows] if per_channel else s_smem.at[rows, first + i]
             if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
-              s = ref[...]
+              s = s_smem[0, rows] if per_channel else s_smem[rows, first + i]
+            elif per_channel:
+              s = plgpu.load(s_smem.at[0, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
             else:
-              s = plgpu.load(ref, None, layout=plgpu.Layout.WGMMA.reduce(1))
+              s = _load_column(s_smem.at[rows], first + i)
             return lax.broadcast_in_dim(_scale_bf16(s), a.shape, [0])
 
           if per_channel:

@@ -86,12 +86,13 @@ def test_dot_general_leading_dims_jit_and_dispatch():
 
 
 @pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4"])
-def test_gpu_code_lowers_on_any_machine(fmt, monkeypatch):
+@pytest.mark.parametrize("m,k", [(4, 512), (64, 256)])  # split-K partials; warp-specialized, writing the result
+def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads) is not run by the
   # interpreter; lowering it for CUDA on a CPU catches its Python-side errors where no GPU is present. (Without
   # poisoned outputs: their in-place refs are a run-time device, not part of the kernel's code.)
   monkeypatch.setattr(backend, "POISON", False)
-  x, w = _operands(4, 256, 512, fmt)
+  x, w = _operands(m, 256, k, fmt)
   f = jax.jit(lambda x, w: dequant_gemv(x, w, backend="mosaic"))
   assert "mosaic_gpu" in f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
