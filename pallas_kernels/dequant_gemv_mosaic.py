@@ -12,11 +12,13 @@ Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x padded to R = 8 rows or the nex
 wgmma N) and handed to wgmma as a transposed shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
 slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
-(R, 128 * groups) activation tile into shared memory; each (64, 128) code slice is widened to bfloat16 in
-registers (int4: 8 codes per 32-bit load, K relabelled within every 32 and the activations to match, see
-`_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
-`lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32. Programs
-write their M real rows, (M, N); with split-K, float32 (split, M, N) partials that XLA sums. With `wgs` > 1
+(R, 128 * groups) activation tile into shared memory; the scales come as stored, a 16-byte window of each row's
+(N, K / B) scales, and widen to bfloat16 in registers (`_scale_bf16`), so no XLA op transposes them per call.
+Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
+every 32 and the activations to match, see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
+which is exactly the weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand,
+accumulating in float32. Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g
+applied); with it, float32 (split, M, N) partials that XLA sums. With `wgs` > 1
 (the default above 32 rows) a program is warp-specialized: that many compute warpgroups, each with its own 64-row
 weight tile over the shared activation tile and storing its R rows straight from registers, and one more
 warpgroup that issues the TMA copies. Unlike the
