@@ -69,11 +69,12 @@ def activation_rows(m: int) -> int:
 
 
 def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
-  """Shared memory the pipeline takes: per stage the code tiles, scale rows and activation tile (`block`: the
-  scale block along K; per-channel scales counted as blocks of 128, an overestimate of at most 256 bytes)."""
+  """Shared memory the pipeline takes: per stage the code tiles, scale windows and activation tile (`block`: the
+  scale block along K; scales counted as bfloat16 in windows of at least 16 bytes per row, `_scale_window`: an
+  overestimate for one-byte scales and per-channel ones)."""
   cols = _TK * cfg.groups
-  scales = cols // block
-  return cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + 2 * scales) + activation_rows(m) * cols * 2)
+  scales = max(16, 2 * (cols // block))
+  return cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + scales) + activation_rows(m) * cols * 2)
 
 
 def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
