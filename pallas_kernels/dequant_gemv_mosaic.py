@@ -240,8 +240,8 @@ def _scale_window(dtype, blocks: int) -> int:
   return max(16 // jnp.dtype(dtype).itemsize, blocks)
 
 
-def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, per_channel: bool, steps: int, groups: int,
-            stages: int, tiles: int, wgs: int, backend: str):
+def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, steps: int, groups: int, stages: int,
+            tiles: int, wgs: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   ni, si = _backend.program_id(0, backend=backend), _backend.program_id(1, backend=backend)
@@ -258,7 +258,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, per_channel: b
   g_gmem, o_gmem = refs if len(refs) == 2 else (None, *refs)
   blocks = groups * _TK // block  # scale blocks per step
   per = width // block  # scale blocks per wgmma slice
-  win = 1 if per_channel else _scale_window(s_gmem.dtype, blocks)
+  per_channel = win == 1  # the (1, N) row of per-channel scales (blocked ones come in windows of 8 or more)
 
   def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g, in the output dtype
     return (acc if g_gmem is None else acc * g_gmem[0]).astype(o_gmem.dtype)
@@ -407,12 +407,12 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     data = lax.bitcast_convert_type(w.data, jnp.int8)
   code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
   if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)
-    scale = w.scale.reshape(1, n)
+    scale, win = w.scale.reshape(1, n), 1
   else:  # (N, K / B) as stored; E8M0 as its bits, columns padded to whole TMA windows
     scale = lax.bitcast_convert_type(w.scale, jnp.uint8) if w.scale.dtype == jnp.float8_e8m0fnu else w.scale
     win = _scale_window(scale.dtype, cfg.groups * _TK // block)
     scale = jnp.pad(scale, ((0, 0), (0, -scale.shape[1] % win)))
-  kernel = functools.partial(_kernel, code=code, block=block, per_channel=fmt.block is None,
+  kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, wgs=cfg.wgs, backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA. A single

@@ -14,6 +14,7 @@ from pallas_kernels.backend import hopper_available
 from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
 
 KERNEL = "mosaic" if hopper_available() else "interpret"
+MOSAIC = "mosaic" if KERNEL == "mosaic" else "mosaic_interpret"  # dequant_gemv's backend for KERNEL
 FORMATS = ["int4_g128_sym", "int4_g32_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym", "mxfp4", "nvfp4"]
 DN = (((1,), (1,)), ((), ()))
 
@@ -35,8 +36,7 @@ def _exact_weights_dot(x, w):
 def _kernel_equals_exact_dot(x, w, config=None):
   """The kernel's float32 output (the Mosaic GPU interpreter off a Hopper GPU) against `_exact_weights_dot`: only the
   float32 summation order may differ, so the tolerance is far below a bfloat16 ulp of the weights."""
-  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else "mosaic_interpret",
-                   config=config)
+  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend=MOSAIC, config=config)
   ref = _exact_weights_dot(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
   return y
@@ -133,8 +133,7 @@ def test_special_weights(fmt):
   w[0, 5], w[1, 40], w[2], w[3] = np.nan, np.inf, 2.0**-125, 1e30
   w = lb.quantize(jnp.asarray(w), fmt, axis=1)
   x = jax.random.normal(jax.random.key(4), (5, 256), jnp.float32).astype(jnp.bfloat16)
-  y = np.asarray(dequant_gemv(x, w, out_dtype=jnp.float32, backend="mosaic" if KERNEL == "mosaic" else
-                              "mosaic_interpret"))
+  y = np.asarray(dequant_gemv(x, w, out_dtype=jnp.float32, backend=MOSAIC))
   ref = np.asarray(_exact_weights_dot(x, w))
   assert np.isnan(ref[:, 0]).all()
   # XLA:CPU flushes subnormal operands, so the interpreter's MXFP4 v * 2^-127 (row 2) is 0 there; the GPU keeps it.
