@@ -59,6 +59,12 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
   _kernel_equals_exact_dot(x, w, Config(split=split, groups=groups, stages=2, tiles=tiles, wgs=wgs))
 
 
+def test_split_k_is_at_most_a_cluster():
+  x, w = _operands(1, 64, 128 * 16, "int4_g128_sym")
+  with pytest.raises(ValueError, match="split <= 8"):
+    dequant_gemv(x, w, backend=MOSAIC, config=Config(split=16, groups=1))
+
+
 @pytest.mark.parametrize("fmt,m,n", [("int4_g128_sym", 256, 128), ("mxfp4", 100, 128), ("int8_channel_sym", 128, 128),
                                       ("nvfp4", 64, 192)])
 def test_prefill_rows(fmt, m, n):
@@ -86,15 +92,18 @@ def test_dot_general_leading_dims_jit_and_dispatch():
 
 
 @pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4"])
-@pytest.mark.parametrize("m,k", [(4, 512), (64, 256)])  # split-K partials; warp-specialized, writing the result
+@pytest.mark.parametrize("m,k", [(4, 512), (64, 256)])  # split-K summed in a cluster; warp-specialized
 def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
-  # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads) is not run by the
-  # interpreter; lowering it for CUDA on a CPU catches its Python-side errors where no GPU is present. (Without
-  # poisoned outputs: their in-place refs are a run-time device, not part of the kernel's code.)
+  # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads, the cluster's sum of
+  # split-K accumulators) is not run by the interpreter; lowering it for CUDA on a CPU catches its Python-side
+  # errors where no GPU is present. (Without poisoned outputs: their in-place refs are a run-time device, not part
+  # of the kernel's code.)
   monkeypatch.setattr(backend, "POISON", False)
   x, w = _operands(m, 256, k, fmt)
   f = jax.jit(lambda x, w: dequant_gemv(x, w, backend="mosaic"))
-  assert "mosaic_gpu" in f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  assert ("st.async" in text) == (m == 4)  # (the cluster's stores into its first program's shared memory)
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
