@@ -8,8 +8,9 @@ also 32 and 64), or (N, 1) per channel; MXFP4 with E8M0 scales (N, K / 32); NVFP
 the float32 tensor scale g, which multiplies the float32 sum (as in dequant_matmul.py) where dequantize rounds
 v * s * g to bfloat16.
 
-Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x padded to R = 8 rows or the next power of two up to 256 (the
-wgmma N) and handed to wgmma as a transposed shared-memory operand, so x stays row-major.
+Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or the next power of two up to 256
+(the wgmma N; TMA fills the rows past M with zeros, no pad is written) and handed to wgmma as a transposed
+shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
 slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
 (R, 128 * groups) activation tile into shared memory; the scales come as stored, a 16-byte window of each row's
@@ -292,7 +293,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   w_sw = box * bits // 8
   boxes = groups * _TK // box
   bn = _BN * tiles * wgs
-  mp = x_gmem.shape[0]
+  mp = activation_rows(x_gmem.shape[0])
   width = max(block, 32)  # columns per wgmma: one scale block, or two blocks of 16
   x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one wgmma's activations per 8-row tile
   g_gmem, o_gmem = refs if len(refs) == 2 else (None, *refs)
@@ -446,11 +447,12 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   if smem_bytes(cfg, m, bits, block) > _SMEM:
     raise ValueError(f"dequant_gemv: {cfg} at M = {m} takes {smem_bytes(cfg, m, bits, block)} bytes of shared "
                      f"memory (at most {_SMEM}): fewer stages, groups or tiles.")
-  # The wgmma B operand, transposed: (activation_rows(M), K) activations, zero-padded (wgmma's N is a multiple of 8).
-  xp = jnp.pad(x, ((0, activation_rows(m) - m), (0, 0)))
+  # x is the wgmma B operand, transposed: activation_rows(M) rows per tile (wgmma's N is a multiple of 8), those past
+  # M read beyond the array (TMA fills zeros), each feeding only an output row that is dropped.
+  xp = x
   if bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
-    xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4-bit codes
+    xp = _relabel_k(x, axis=1)  # K in the order _widen gives 4-bit codes
   else:
     data = lax.bitcast_convert_type(w.data, jnp.int8)
   code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
