@@ -44,7 +44,8 @@ from lowbit_jax.formats import ELEMENTS, Format
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
-__all__ = ["Config", "MAX_M", "MAX_SPLIT", "activation_rows", "dequant_gemv", "default_config", "smem_bytes", "supports"]
+__all__ = ["Config", "MAX_M", "MAX_SPLIT", "activation_rows", "dequant_gemv", "default_config", "smem_bytes",
+           "supports"]
 
 MAX_M = 256  # activation rows the kernel takes (one wgmma N tile of 8 to 256)
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
