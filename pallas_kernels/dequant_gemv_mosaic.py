@@ -81,8 +81,9 @@ def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
   cols = _TK * cfg.groups
   scales = max(16, 2 * (cols // block))
   pipeline = cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + scales) + activation_rows(m) * cols * 2)
-  # (the cluster's partial sums reuse the pipeline's buffers once every pipeline of the cluster is done)
-  return max(pipeline, (cfg.split - 1) * cfg.tiles * _BN * activation_rows(m) * 4)
+  # (a cluster's partial sums, one warpgroup per program, reuse the pipeline's buffers once every pipeline is done)
+  sums = (cfg.split - 1) * cfg.tiles * _BN * activation_rows(m) * 4 if cfg.wgs == 1 else 0
+  return max(pipeline, sums)
 
 
 def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
@@ -102,6 +103,8 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   stages = 4
   while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _SMEM:
     stages -= 1
+  while split > 1 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _SMEM:
+    split //= 2  # (a cluster of many wide accumulators: fewer of them)
   return Config(split=split, groups=groups, stages=stages, tiles=1, wgs=wgs)
 
 

@@ -1,6 +1,8 @@
 """Weight-only matmul with K-major (N, K) weights at M <= 256: the Mosaic GPU kernel (the Mosaic GPU interpreter on
 CPU, which starts outputs as NaN; compiled with poisoned outputs on a Hopper GPU) against the dequantized weights."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -57,6 +59,14 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
   # Odd `groups` take the int4 codes in 64-byte boxes, even ones in 128-byte boxes of two slices.
   x, w = _operands(3, 128, 512, "int4_g128_sym", seed=7)
   _kernel_equals_exact_dot(x, w, Config(split=split, groups=groups, stages=2, tiles=tiles, wgs=wgs))
+
+
+def test_default_configs_fit_shared_memory():
+  # Including a cluster's partial sums: one warpgroup (N an odd number of 64-row tiles) with many wide accumulators.
+  from pallas_kernels.dequant_gemv_mosaic import _SMEM, default_config, smem_bytes
+  for n, k, m, bits in itertools.product([64, 192, 1024, 28672], [256, 2048, 28672], [1, 9, 33, 100, 200, 256], [4, 8]):
+    cfg = default_config(n, k, m, bits)
+    assert smem_bytes(cfg, m, bits, 16) <= _SMEM and cfg.split <= 8, (n, k, m, bits, cfg)
 
 
 def test_split_k_is_at_most_a_cluster():
