@@ -263,8 +263,8 @@ def _cluster_sum(accs, split: int, then) -> None:
   sw = min(128, mp * 4)  # (a row of R float32 values: the widest swizzle it fills)
   slots = plgpu.SMEM((split - 1, len(accs), _BN, mp), jnp.float32,
                      transforms=(plgpu.TilingTransform((8, sw // 4)), plgpu.SwizzleTransform(sw)))
-  # (every thread of a storing warpgroup arrives once per store)
-  stored = plgpu.Barrier(num_arrivals=128 * len(accs) * (split - 1))
+  # (arrivals count warpgroups: a storing warpgroup arrives once per store; 128 per store hung on the GPU)
+  stored = plgpu.Barrier(num_arrivals=len(accs) * (split - 1))
 
   @functools.partial(pl.run_scoped, done=plgpu.ClusterBarrier(collective_axes=("cluster",)), slots=slots,
                      stored=stored)
