@@ -1,5 +1,5 @@
-"""Weight-only matmul for decode and short prefill (M <= 256) in Pallas Mosaic GPU: y = x @ dequantize(w).T on Hopper
-tensor cores.
+"""Weight-only matmul in Pallas Mosaic GPU: y = x @ dequantize(w).T on Hopper tensor cores, made for decode and
+short prefill (M <= 256: one tile of activation rows).
 
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
@@ -11,7 +11,8 @@ v * s * g to bfloat16.
 Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or the next power of two up to 256
 (the wgmma N; TMA fills the rows past M with zeros, no pad is written) and handed to wgmma as a transposed
 shared-memory operand, so x stays row-major.
-A program owns `tiles` x 64 weight rows (64: the wgmma M) and a 1/split slice of K. Per pipeline step (`groups`
+A program owns `tiles` x 64 weight rows (64: the wgmma M), a 1/split slice of K and one tile of R activation rows
+(R = 256 for M > 256: more rows take more programs). Per pipeline step (`groups`
 slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
 (R, 128 * groups) activation tile into shared memory; the scales come as stored, a 16-byte window of each row's
 (N, K / B) scales, and widen to bfloat16 in registers (`_scale_bf16`), so no XLA op transposes them per call.
@@ -47,7 +48,7 @@ from pallas_kernels import backend as _backend
 __all__ = ["Config", "MAX_M", "MAX_SPLIT", "activation_rows", "dequant_gemv", "default_config", "smem_bytes",
            "supports"]
 
-MAX_M = 256  # activation rows the kernel takes (one wgmma N tile of 8 to 256)
+MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 _SMEM = 227 * 1024  # shared memory per block on Hopper
 MAX_SPLIT = 8  # programs per cluster (the most that launches without opting in to non-portable cluster sizes)
@@ -70,8 +71,8 @@ class Config:
 
 
 def activation_rows(m: int) -> int:
-  """Activation rows the kernel computes for M rows: 8, or the next power of two up to 256 (the wgmma N)."""
-  return max(8, 1 << (m - 1).bit_length())
+  """Activation rows a program computes for M rows: 8, or the next power of two up to MAX_M (the wgmma N)."""
+  return min(MAX_M, max(8, 1 << (m - 1).bit_length()))
 
 
 def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
@@ -98,7 +99,7 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   groups = 1 if r > 64 or k % (2 * _TK) else 2
   want = 16 * 132 if r <= 16 else 132  # 64-row tiles (per warpgroup) to aim for
   split = 1
-  while n // _BN * split < want and split < MAX_SPLIT and k % (_TK * groups * split * 2) == 0:
+  while n // _BN * -(-m // r) * split < want and split < MAX_SPLIT and k % (_TK * groups * split * 2) == 0:
     split *= 2
   stages = 4
   while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _SMEM:
@@ -288,8 +289,8 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
             tiles: int, wgs: int, cluster: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
-  ni = _backend.program_id(0, backend=backend)
-  si = lax.axis_index("cluster") if cluster > 1 else _backend.program_id(1, backend=backend)
+  ni, mi = _backend.program_id(0, backend=backend), _backend.program_id(1, backend=backend)
+  si = lax.axis_index("cluster") if cluster > 1 else _backend.program_id(2, backend=backend)
   k0 = si * steps
   bits = jnp.iinfo(w_gmem.dtype).bits
   # Code columns per TMA box: 128-byte rows (the widest swizzle) where a step holds whole ones, else 128.
@@ -353,7 +354,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
       # ones, (1, N), every step: the warp-specialized pipeline takes only inputs that follow the step).
       plgpu.BlockSpec((1, bn), lambda kk: (kk * 0, ni)) if per_channel else
       plgpu.BlockSpec((bn, win), lambda kk: (ni, (k0 + kk) * blocks // win)),
-      plgpu.BlockSpec((mp, _TK * groups), lambda kk: (0, k0 + kk),
+      plgpu.BlockSpec((mp, _TK * groups), lambda kk: (mi, k0 + kk),
                       transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
   ]
   operands = (*[w_gmem] * boxes, s_gmem, x_gmem)
@@ -364,7 +365,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   if wgs > 1:
     wg = lax.axis_index("wg")
     rows = pl.ds(wg * _BN, _BN)
-    out = o_gmem.at[si, :, pl.ds(ni * bn + wg * _BN, _BN)]  # (R, 64): this warpgroup's columns, stored directly
+    out = o_gmem.at[si, pl.ds(mi * mp, mp), pl.ds(ni * bn + wg * _BN, _BN)]  # (R, 64): stored directly
 
     def compute(eval_pipeline):
       @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((_BN, mp)))
@@ -399,7 +400,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     return pl.run_scoped(functools.partial(acc_scope, stash=stash), *[plgpu.ACC((_BN, mp))] * tiles)
 
   accs = pl.run_scoped(with_stash, *stash_types) if interpret else with_stash()
-  m = o_gmem.shape[1]
+  m = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
   part = 0 if cluster > 1 else si  # (the output's leading axis: split-K partials unless the cluster sums them)
 
   def store(accs):
@@ -412,7 +413,8 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
           _store_transposed(finish(acc), o_smem.at[r])
       plgpu.commit_smem()
       for r in range(tiles):
-        plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, m)], o_gmem.at[part, :, pl.ds(ni * bn + r * _BN, _BN)])
+        plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, m)],
+                                o_gmem.at[part, pl.ds(mi * mp, m), pl.ds(ni * bn + r * _BN, _BN)])
       plgpu.wait_smem_to_gmem(0)
 
   if cluster > 1:
@@ -423,7 +425,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
 
 def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mosaic",
                  config: Config | None = None) -> jax.Array:
-  """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1, M <= 256; float32 accumulation.
+  """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1; float32 accumulation.
 
   Returns (M, N) in `out_dtype` (default x.dtype). `backend`: "mosaic" (Hopper GPUs) or "mosaic_interpret" (the
   Mosaic GPU interpreter, any device).
@@ -436,8 +438,8 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   if reason:
     raise ValueError(f"dequant_gemv does not support {reason}.")
   m = x.shape[0]
-  if x.ndim != 2 or x.shape[1] != k or not 0 < m <= MAX_M:
-    raise ValueError(f"dequant_gemv: x must be (M <= {MAX_M}, K = {k}), got {x.shape}.")
+  if x.ndim != 2 or x.shape[1] != k or m == 0:
+    raise ValueError(f"dequant_gemv: x must be (M > 0, K = {k}), got {x.shape}.")
   if x.dtype != jnp.bfloat16:
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
   bits = fmt.element_type.bits
@@ -473,16 +475,18 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, wgs=cfg.wgs, cluster=cluster, backend=backend)
-  # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA. Programs
-  # that write the result apply NVFP4's g and write out_dtype.
-  out_rows = activation_rows(m) if cfg.wgs > 1 else m
+  # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
+  # more than one row tile). Programs that write the result apply NVFP4's g and write out_dtype.
+  r = activation_rows(m)
+  mt = -(-m // r)
+  out_rows = m if cfg.wgs == 1 and mt == 1 else mt * r
   out_dtype = out_dtype or x.dtype
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
   final = cfg.split == 1 or cluster > 1
   parts = _backend.call(
       kernel, backend=backend,
       out_shape=jax.ShapeDtypeStruct((1 if final else cfg.split, out_rows, n), out_dtype if final else jnp.float32),
-      grid=(n // bn,) if cluster > 1 else (n // bn, cfg.split), in_specs=None, out_specs=None,
+      grid=(n // bn, mt) if cluster > 1 else (n // bn, mt, cfg.split), in_specs=None, out_specs=None,
       name=f"dequant_gemv_{fmt.name}", threads=cfg.wgs + 1 if cfg.wgs > 1 else 1,
       cluster=cluster)(data, scale, xp, *([g] if final and g is not None else []))
   if final:

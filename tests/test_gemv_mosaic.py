@@ -78,9 +78,18 @@ def test_split_k_is_at_most_a_cluster():
 @pytest.mark.parametrize("fmt,m,n", [("int4_g128_sym", 256, 128), ("mxfp4", 100, 128), ("int8_channel_sym", 128, 128),
                                       ("nvfp4", 64, 192)])
 def test_prefill_rows(fmt, m, n):
-  # The widest activation tiles (wgmma N up to 256), zero-padded from M to the next power of two; the default
+  # The widest activation tiles (wgmma N up to 256), read from M rows up to the next power of two; the default
   # configuration's two warpgroups per program, or one where N is an odd number of 64-row tiles.
   _kernel_equals_exact_dot(*_operands(m, n, 256, fmt, seed=5))
+
+
+@pytest.mark.parametrize("fmt,m,cfg", [("int4_g128_sym", 300, None), ("nvfp4", 512, Config(split=2, groups=1, stages=2)),
+                                        ("mxfp4", 260, Config(groups=1, stages=2))])
+def test_more_rows_than_one_tile(fmt, m, cfg):
+  # Past 256 rows, programs take tiles of 256 (the last one ragged: rows past M are read, their outputs dropped):
+  # two warpgroups by default; one warpgroup writing whole tiles through TMA; split-K partials.
+  x, w = _operands(m, 128, 256, fmt, seed=13)
+  assert _kernel_equals_exact_dot(x, w, cfg).shape == (m, 128)
 
 
 @pytest.mark.parametrize("fmt,m,wgs", [("mxfp4", 40, 2), ("nvfp4", 9, 2), ("int8_channel_sym", 64, 3),
@@ -102,7 +111,7 @@ def test_dot_general_leading_dims_jit_and_dispatch():
 
 
 @pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4"])
-@pytest.mark.parametrize("m,k", [(4, 512), (9, 512), (64, 256)])  # cluster (M < 8, ragged M > 8); warp-specialized
+@pytest.mark.parametrize("m,k", [(4, 512), (9, 512), (64, 256), (300, 256)])  # cluster; warp-specialized; tiles
 def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads, the cluster's sum of
   # split-K accumulators) is not run by the interpreter; lowering it for CUDA on a CPU catches its Python-side
