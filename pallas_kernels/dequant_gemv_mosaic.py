@@ -286,11 +286,15 @@ def _cluster_sum(accs, split: int, then) -> None:
 
 
 def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, steps: int, groups: int, stages: int,
-            tiles: int, wgs: int, cluster: int, backend: str):
+            tiles: int, wgs: int, cluster: int, n_tiles: int, m_tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
-  ni, mi = _backend.program_id(0, backend=backend), _backend.program_id(1, backend=backend)
-  si = lax.axis_index("cluster") if cluster > 1 else _backend.program_id(2, backend=backend)
+  # Grid axis 0 runs over (activation row tile, weight row tile), weight tiles fastest (programs launched together
+  # share an activation tile); axis 1 (or the cluster) over K slices.
+  ni = _backend.program_id(0, backend=backend)
+  # (a static 0 with one activation tile: the interpreter hung on a derived index with three compute warpgroups)
+  ni, mi = (ni % n_tiles, ni // n_tiles) if m_tiles > 1 else (ni, 0)
+  si = lax.axis_index("cluster") if cluster > 1 else _backend.program_id(1, backend=backend)
   k0 = si * steps
   bits = jnp.iinfo(w_gmem.dtype).bits
   # Code columns per TMA box: 128-byte rows (the widest swizzle) where a step holds whole ones, else 128.
@@ -474,7 +478,8 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   cluster = cfg.split if cfg.split > 1 and cfg.wgs == 1 and backend == "mosaic" else 1
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
-                             tiles=cfg.tiles, wgs=cfg.wgs, cluster=cluster, backend=backend)
+                             tiles=cfg.tiles, wgs=cfg.wgs, cluster=cluster, n_tiles=n // bn,
+                             m_tiles=-(-m // activation_rows(m)), backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
   # more than one row tile). Programs that write the result apply NVFP4's g and write out_dtype.
   r = activation_rows(m)
@@ -486,7 +491,7 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   parts = _backend.call(
       kernel, backend=backend,
       out_shape=jax.ShapeDtypeStruct((1 if final else cfg.split, out_rows, n), out_dtype if final else jnp.float32),
-      grid=(n // bn, mt) if cluster > 1 else (n // bn, mt, cfg.split), in_specs=None, out_specs=None,
+      grid=(n // bn * mt,) if cluster > 1 else (n // bn * mt, cfg.split), in_specs=None, out_specs=None,
       name=f"dequant_gemv_{fmt.name}", threads=cfg.wgs + 1 if cfg.wgs > 1 else 1,
       cluster=cluster)(data, scale, xp, *([g] if final and g is not None else []))
   if final:
