@@ -291,9 +291,9 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   interpret = backend == "mosaic_interpret"
   # Grid axis 0 runs over (activation row tile, weight row tile), weight tiles fastest (programs launched together
   # share an activation tile); axis 1 (or the cluster) over K slices.
-  ni = _backend.program_id(0, backend=backend)
+  pid = _backend.program_id(0, backend=backend)
   # (a static 0 with one activation tile: the interpreter hung on a derived index with three compute warpgroups)
-  ni, mi = (ni % n_tiles, ni // n_tiles) if m_tiles > 1 else (ni, 0)
+  ni, mi = (pid % n_tiles, pid // n_tiles) if m_tiles > 1 else (pid, 0)
   si = lax.axis_index("cluster") if cluster > 1 else _backend.program_id(1, backend=backend)
   k0 = si * steps
   bits = jnp.iinfo(w_gmem.dtype).bits
@@ -404,7 +404,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     return pl.run_scoped(functools.partial(acc_scope, stash=stash), *[plgpu.ACC((_BN, mp))] * tiles)
 
   accs = pl.run_scoped(with_stash, *stash_types) if interpret else with_stash()
-  m = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
+  written = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
   part = 0 if cluster > 1 else si  # (the output's leading axis: split-K partials unless the cluster sums them)
 
   def store(accs):
@@ -417,8 +417,8 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
           _store_transposed(finish(acc), o_smem.at[r])
       plgpu.commit_smem()
       for r in range(tiles):
-        plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, m)],
-                                o_gmem.at[part, pl.ds(mi * mp, m), pl.ds(ni * bn + r * _BN, _BN)])
+        plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, written)],
+                                o_gmem.at[part, pl.ds(mi * mp, written), pl.ds(ni * bn + r * _BN, _BN)])
       plgpu.wait_smem_to_gmem(0)
 
   if cluster > 1:
@@ -476,14 +476,14 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   # K splits sum in a cluster (one warpgroup per program, on the GPU: the interpreter runs no clusters), else XLA
   # sums their float32 partials.
   cluster = cfg.split if cfg.split > 1 and cfg.wgs == 1 and backend == "mosaic" else 1
+  r = activation_rows(m)
+  mt = -(-m // r)  # activation row tiles
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
-                             tiles=cfg.tiles, wgs=cfg.wgs, cluster=cluster, n_tiles=n // bn,
-                             m_tiles=-(-m // activation_rows(m)), backend=backend)
+                             tiles=cfg.tiles, wgs=cfg.wgs, cluster=cluster, n_tiles=n // bn, m_tiles=mt,
+                             backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
   # more than one row tile). Programs that write the result apply NVFP4's g and write out_dtype.
-  r = activation_rows(m)
-  mt = -(-m // r)
   out_rows = m if cfg.wgs == 1 and mt == 1 else mt * r
   out_dtype = out_dtype or x.dtype
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None

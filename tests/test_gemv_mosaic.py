@@ -1,5 +1,6 @@
-"""Weight-only matmul with K-major (N, K) weights at M <= 256: the Mosaic GPU kernel (the Mosaic GPU interpreter on
-CPU, which starts outputs as NaN; compiled with poisoned outputs on a Hopper GPU) against the dequantized weights."""
+"""Weight-only matmul with K-major (N, K) weights, M <= 256 and tiles of more rows: the Mosaic GPU kernel (the Mosaic
+GPU interpreter on CPU, which starts outputs as NaN; compiled with poisoned outputs on a Hopper GPU) against the
+dequantized weights."""
 
 import itertools
 
@@ -83,7 +84,8 @@ def test_prefill_rows(fmt, m, n):
   _kernel_equals_exact_dot(*_operands(m, n, 256, fmt, seed=5))
 
 
-@pytest.mark.parametrize("fmt,m,cfg", [("int4_g128_sym", 300, None), ("nvfp4", 512, Config(split=2, groups=1, stages=2)),
+@pytest.mark.parametrize("fmt,m,cfg", [("int4_g128_sym", 300, None),
+                                        ("nvfp4", 512, Config(split=2, groups=1, stages=2)),
                                         ("mxfp4", 260, Config(groups=1, stages=2))])
 def test_more_rows_than_one_tile(fmt, m, cfg):
   # Past 256 rows, programs take tiles of 256 (the last one ragged: rows past M are read, their outputs dropped):
