@@ -19,10 +19,8 @@ slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the 
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
 every 32 and the activations to match, see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
 which is exactly the weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand,
-accumulating in float32. Programs write the result, (M, N) in the output dtype (NVFP4's g applied). With split-K
-(one warpgroup per program, on the GPU), the `split` programs of a row tile form a cluster and sum their float32
-accumulators in the shared memory of its first program (`_cluster_sum`); elsewhere (the interpreter runs no
-clusters; warp-specialized programs) they write float32 (split, M, N) partials that XLA sums. With `wgs` > 1
+accumulating in float32. Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g
+applied); with it, float32 (split, M, N) partials that XLA sums. With `wgs` > 1
 (the default above 32 rows) a program is warp-specialized: that many compute warpgroups, each with its own 64-row
 weight tile over the shared activation tile and storing its R rows straight from registers, and one more
 warpgroup that issues the TMA copies. Unlike the
@@ -45,19 +43,16 @@ from lowbit_jax.formats import ELEMENTS, Format
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
-__all__ = ["Config", "MAX_M", "MAX_SPLIT", "activation_rows", "dequant_gemv", "default_config", "smem_bytes",
-           "supports"]
+__all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "smem_bytes", "supports"]
 
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 _SMEM = 227 * 1024  # shared memory per block on Hopper
-MAX_SPLIT = 8  # programs per cluster (the most that launches without opting in to non-portable cluster sizes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """split: programs sharing one row tile, each over 1/split of K (a cluster of at most MAX_SPLIT that sums its
-  float32 accumulators, or partials that XLA sums: module docstring);
+  """split: programs sharing one row tile, each over 1/split of K (their float32 partials are summed after);
   groups: 128-wide K slices per pipeline step (one wgmma each, a single wait per step; int4 codes travel in
   TMA boxes of two where `groups` is even); stages: pipeline steps in flight (shared-memory buffers per
   operand); tiles: 64-row wgmma tiles per program (one accumulator each, sharing the activation tile); wgs: compute
@@ -81,16 +76,13 @@ def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
   overestimate for one-byte scales and per-channel ones)."""
   cols = _TK * cfg.groups
   scales = max(16, 2 * (cols // block))
-  pipeline = cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + scales) + activation_rows(m) * cols * 2)
-  # (a cluster's partial sums, one warpgroup per program, reuse the pipeline's buffers once every pipeline is done)
-  sums = (cfg.split - 1) * cfg.tiles * _BN * activation_rows(m) * 4 if cfg.wgs == 1 else 0
-  return max(pipeline, sums)
+  return cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + scales) + activation_rows(m) * cols * 2)
 
 
 def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   """The configuration for an (n, k) weight of `bits`-bit codes and M activation rows, from the H100 sweeps in
   BENCHMARKS.md. M <= 16: two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until
-  about 16 programs per SM (at most MAX_SPLIT ways): with 8 activation rows, many short programs beat two row tiles by
+  about 16 programs per SM (at most 16 ways): with 8 activation rows, many short programs beat two row tiles by
   5-14%, and a second warpgroup ran up to 31% slower. M = 17-32: the same, K split until about one 64-row tile per
   SM. M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256 rows), K split as
   at 17-32, two slices per step at 64 rows and one above, as many stages (up to 4) as fit."""
@@ -99,13 +91,11 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   groups = 1 if r > 64 or k % (2 * _TK) else 2
   want = 16 * 132 if r <= 16 else 132  # 64-row tiles (per warpgroup) to aim for
   split = 1
-  while n // _BN * -(-m // r) * split < want and split < MAX_SPLIT and k % (_TK * groups * split * 2) == 0:
+  while n // _BN * -(-m // r) * split < want and split < 16 and k % (_TK * groups * split * 2) == 0:
     split *= 2
   stages = 4
   while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _SMEM:
     stages -= 1
-  while split > 1 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _SMEM:
-    split //= 2  # (a cluster of many wide accumulators: fewer of them)
   return Config(split=split, groups=groups, stages=stages, tiles=1, wgs=wgs)
 
 
@@ -252,49 +242,16 @@ def _scale_window(dtype, blocks: int) -> int:
   return max(16 // jnp.dtype(dtype).itemsize, blocks)
 
 
-def _cluster_sum(accs, split: int, then) -> None:
-  """Sums the float32 accumulators of a cluster's `split` programs into its first, which calls then(sums).
-
-  Once every pipeline of the cluster is done (a cluster barrier: the sums may reuse the pipelines' shared memory),
-  the other programs store their accumulators into slots in the first program's shared memory (`async_store_smem`,
-  counted by a barrier there)."""
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-  ci = lax.axis_index("cluster")
-  mp = accs[0].shape[1]
-  sw = min(128, mp * 4)  # (a row of R float32 values: the widest swizzle it fills)
-  slots = plgpu.SMEM((split - 1, len(accs), _BN, mp), jnp.float32,
-                     transforms=(plgpu.TilingTransform((8, sw // 4)), plgpu.SwizzleTransform(sw)))
-  # (arrivals count warpgroups: a storing warpgroup arrives once per store; 128 per store hung on the GPU)
-  stored = plgpu.Barrier(num_arrivals=len(accs) * (split - 1))
-
-  @functools.partial(pl.run_scoped, done=plgpu.ClusterBarrier(collective_axes=("cluster",)), slots=slots,
-                     stored=stored)
-  def _(done, slots, stored):
-    plgpu.barrier_arrive(done)
-    plgpu.barrier_wait(done)
-
-    @pl.when(ci > 0)
-    def _():
-      for r, acc in enumerate(accs):
-        plgpu.async_store_smem(acc, slots.at[ci - 1, r], stored, cluster_idx=jnp.int32(0), cluster_dim="cluster")
-
-    @pl.when(ci == 0)
-    def _():
-      plgpu.barrier_wait(stored)
-      then([acc + sum(plgpu.load(slots.at[i, r], (), layout=plgpu.Layout.WGMMA) for i in range(split - 1))
-            for r, acc in enumerate(accs)])
-
-
 def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, steps: int, groups: int, stages: int,
-            tiles: int, wgs: int, cluster: int, n_tiles: int, m_tiles: int, backend: str):
+            tiles: int, wgs: int, n_tiles: int, m_tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   # Grid axis 0 runs over (activation row tile, weight row tile), weight tiles fastest (programs launched together
-  # share an activation tile); axis 1 (or the cluster) over K slices.
+  # share an activation tile); axis 1 over K slices.
   pid = _backend.program_id(0, backend=backend)
   # (a static 0 with one activation tile: the interpreter hung on a derived index with three compute warpgroups)
   ni, mi = (pid % n_tiles, pid // n_tiles) if m_tiles > 1 else (pid, 0)
-  si = lax.axis_index("cluster") if cluster > 1 else _backend.program_id(1, backend=backend)
+  si = _backend.program_id(1, backend=backend)
   k0 = si * steps
   bits = jnp.iinfo(w_gmem.dtype).bits
   # Code columns per TMA box: 128-byte rows (the widest swizzle) where a step holds whole ones, else 128.
@@ -405,7 +362,6 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
 
   accs = pl.run_scoped(with_stash, *stash_types) if interpret else with_stash()
   written = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
-  part = 0 if cluster > 1 else si  # (the output's leading axis: split-K partials unless the cluster sums them)
 
   def store(accs):
     @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), o_gmem.dtype))
@@ -418,13 +374,10 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
       plgpu.commit_smem()
       for r in range(tiles):
         plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, written)],
-                                o_gmem.at[part, pl.ds(mi * mp, written), pl.ds(ni * bn + r * _BN, _BN)])
+                                o_gmem.at[si, pl.ds(mi * mp, written), pl.ds(ni * bn + r * _BN, _BN)])
       plgpu.wait_smem_to_gmem(0)
 
-  if cluster > 1:
-    _cluster_sum(accs, cluster, store)
-  else:
-    store(accs)
+  store(accs)
 
 
 def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mosaic",
@@ -450,10 +403,9 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   block = fmt.block[0] if fmt.block else _TK
   cfg = config or default_config(n, k, m, bits)
   bn = _BN * cfg.tiles * cfg.wgs
-  if (k % (_TK * cfg.groups * cfg.split) or n % bn or cfg.wgs > 1 and cfg.tiles > 1
-      or not 0 < cfg.split <= MAX_SPLIT):
+  if k % (_TK * cfg.groups * cfg.split) or n % bn or cfg.wgs > 1 and cfg.tiles > 1:
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
-                     f"{bn} rows per program; one tile per warpgroup with wgs > 1; split <= {MAX_SPLIT}).")
+                     f"{bn} rows per program; one tile per warpgroup with wgs > 1).")
   if smem_bytes(cfg, m, bits, block) > _SMEM:
     raise ValueError(f"dequant_gemv: {cfg} at M = {m} takes {smem_bytes(cfg, m, bits, block)} bytes of shared "
                      f"memory (at most {_SMEM}): fewer stages, groups or tiles.")
@@ -473,27 +425,24 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     scale = lax.bitcast_convert_type(w.scale, jnp.uint8) if w.scale.dtype == jnp.float8_e8m0fnu else w.scale
     win = _scale_window(scale.dtype, cfg.groups * _TK // block)
     scale = jnp.pad(scale, ((0, 0), (0, -scale.shape[1] % win)))
-  # K splits sum in a cluster (one warpgroup per program, on the GPU: the interpreter runs no clusters), else XLA
-  # sums their float32 partials.
-  cluster = cfg.split if cfg.split > 1 and cfg.wgs == 1 and backend == "mosaic" else 1
   r = activation_rows(m)
   mt = -(-m // r)  # activation row tiles
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
-                             tiles=cfg.tiles, wgs=cfg.wgs, cluster=cluster, n_tiles=n // bn, m_tiles=mt,
+                             tiles=cfg.tiles, wgs=cfg.wgs, n_tiles=n // bn, m_tiles=mt,
                              backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
-  # more than one row tile). Programs that write the result apply NVFP4's g and write out_dtype.
+  # more than one row tile). A single K split writes the result (NVFP4's g applied, in out_dtype); more write
+  # float32 partials that XLA sums.
   out_rows = m if cfg.wgs == 1 and mt == 1 else mt * r
   out_dtype = out_dtype or x.dtype
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
-  final = cfg.split == 1 or cluster > 1
+  final = cfg.split == 1
   parts = _backend.call(
       kernel, backend=backend,
-      out_shape=jax.ShapeDtypeStruct((1 if final else cfg.split, out_rows, n), out_dtype if final else jnp.float32),
-      grid=(n // bn * mt,) if cluster > 1 else (n // bn * mt, cfg.split), in_specs=None, out_specs=None,
-      name=f"dequant_gemv_{fmt.name}", threads=cfg.wgs + 1 if cfg.wgs > 1 else 1,
-      cluster=cluster)(data, scale, xp, *([g] if final and g is not None else []))
+      out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n), out_dtype if final else jnp.float32),
+      grid=(n // bn * mt, cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}",
+      threads=cfg.wgs + 1 if cfg.wgs > 1 else 1)(data, scale, xp, *([g] if final and g is not None else []))
   if final:
     return parts[0, :m]
   y = jnp.sum(parts[:, :m], axis=0)
