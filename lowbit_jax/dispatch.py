@@ -4,8 +4,8 @@
 of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
 Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
-with K-major (N, K) int4 / int8 / MXFP4 / NVFP4 weights at M <= 256 (decode, short prefill) is Pallas lowered
-through Mosaic GPU (`mosaic`, Hopper); block FP8 is a Triton kernel launched by jax_triton
+with K-major (N, K) int4 / int8 / MXFP4 / NVFP4 weights (any M: decode, prefill) is Pallas lowered through Mosaic
+GPU (`mosaic`, Hopper); block FP8 is a Triton kernel launched by jax_triton
 (`jax_triton`, the optional `lowbit-jax[triton]` extra; without it a GPU warns once and runs XLA). `pallas`,
 `mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the
 Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
@@ -39,7 +39,7 @@ def weight_only_kernel(lhs, rhs: QArray, dimension_numbers, m: int) -> tuple[str
   """(the backend of the weight-only kernel for this call, None if it takes the call, else why not).
 
   (K, N) weights blocked along K go to the Pallas-Triton kernel; K-major (N, K) weights blocked along K, to the
-  Mosaic GPU kernel at M <= 256."""
+  Mosaic GPU kernel (any M)."""
   from pallas_kernels import dequant_gemv_mosaic
   from pallas_kernels.dequant_matmul import supports
   (lc, rc), (lb, rb) = dimension_numbers
@@ -51,8 +51,6 @@ def weight_only_kernel(lhs, rhs: QArray, dimension_numbers, m: int) -> tuple[str
     return "pallas", f"the kernels take bfloat16/float16 activations, got {jnp.dtype(lhs.dtype)}"
   if rhs.axis == 0:
     return "pallas", supports(rhs.format)
-  if m > dequant_gemv_mosaic.MAX_M:
-    return "mosaic", f"K-major weights have a kernel for M <= {dequant_gemv_mosaic.MAX_M} rows (got M = {m})"
   if jnp.dtype(lhs.dtype) != jnp.dtype(jnp.bfloat16):
     return "mosaic", "the Mosaic kernel takes bfloat16 activations"
   return "mosaic", dequant_gemv_mosaic.supports(rhs.format, *rhs.shape)
