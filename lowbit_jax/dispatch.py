@@ -4,8 +4,8 @@
 of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
 Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
-with K-major (N, K) int4 / int8 / MXFP4 / NVFP4 weights (any M: decode, prefill) is Pallas lowered through Mosaic
-GPU (`mosaic`, Hopper); block FP8 is a Triton kernel launched by jax_triton
+with K-major (N, K) int4 / int8 / MXFP4 / NVFP4 weights (int4 at any M, the others below KMAJOR_XLA_FROM_M rows)
+is Pallas lowered through Mosaic GPU (`mosaic`, Hopper); block FP8 is a Triton kernel launched by jax_triton
 (`jax_triton`, the optional `lowbit-jax[triton]` extra; without it a GPU warns once and runs XLA). `pallas`,
 `mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the
 Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
@@ -13,6 +13,7 @@ Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax.numpy as jnp
@@ -30,6 +31,10 @@ _warned: set[str] = set()
 # for the others (per-channel scales), whose dequantization is an XLA fusion.
 XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
+# K-major weights: the Mosaic kernel (tiles of 256 rows) beat dequantize-then-dot at every M measured for int4
+# (1.04-1.31x at M = 2048 and 8192), for MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x there, 0.90-0.97x at
+# 8192; between the two, unmeasured).
+KMAJOR_XLA_FROM_M = 4096
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
@@ -108,7 +113,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if not on_gpu(lhs):
     return "xla"
   if reason:
-    if not isinstance(lhs, QArray) and m >= xla_from_m(rhs.format):
+    if not isinstance(lhs, QArray) and m >= xla_from_m(rhs.format, k_major=rhs.axis == 1):
       return "xla"  # dequantize-then-dot is the weight-only path from here on anyway: nothing to warn about
     _warn_once(reason)
     return "xla"
@@ -116,7 +121,9 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if missing:
     _warn_once(missing)
     return "xla"
-  if kernel in ("jax_triton", "mosaic"):
+  if kernel == "mosaic":
+    return "xla" if m >= xla_from_m(rhs.format, k_major=True) else kernel
+  if kernel == "jax_triton":
     return kernel
   if isinstance(lhs, QArray):
     return "pallas" if m >= INT8_KERNEL_FROM_M else "xla"
@@ -133,7 +140,10 @@ def _missing(kernel: str) -> str | None:
   return None
 
 
-def xla_from_m(fmt) -> int:
-  """Activation rows from which a weight-only matmul with weights in `fmt` runs dequantize-then-dot on a GPU."""
+def xla_from_m(fmt, k_major: bool = False) -> float:
+  """Activation rows from which a weight-only matmul with weights in `fmt`, (K, N) or K-major (N, K), runs
+  dequantize-then-dot on a GPU (inf: never)."""
   from pallas_kernels.quantize import supports_cols
+  if k_major:
+    return math.inf if fmt.element_type.kind == "int" and fmt.element_type.bits == 4 else KMAJOR_XLA_FROM_M
   return XLA_FROM_M if supports_cols(fmt) is None else XLA_FROM_M_SLOW_DEQUANT

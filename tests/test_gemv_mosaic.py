@@ -102,8 +102,11 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   assert y.shape == (2, 3, 128) and y.dtype == jnp.bfloat16
   ref = lb.dot_general(x3, w, (((2,), (1,)), ((), ())), backend="xla")
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
-  for m in (6, 2048):  # (K-major weights take the kernel at any M: it beat dequantize-then-dot at M = 2048)
+  for m in (6, 2048, 8192):  # (int4 K-major weights take the kernel at any M)
     assert dispatch.choose(None, x, w, DN, m) == ("mosaic" if KERNEL == "mosaic" else "xla")
+  mx = lb.quantize(w.dequantize(jnp.float32), "mxfp4", axis=1)
+  assert dispatch.choose(None, x, mx, DN, 4096) == "xla"  # (the others: dequantize-then-dot from 4096 rows)
+  assert dispatch.choose(None, x, mx, DN, 2048) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
 
 @pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4"])
