@@ -32,8 +32,8 @@ _warned: set[str] = set()
 XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
 # K-major weights: the Mosaic kernel (tiles of 256 rows) beat dequantize-then-dot at every M measured for int4
-# (1.04-1.31x at M = 2048 and 8192), for MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x there, 0.90-0.97x at
-# 8192; between the two, unmeasured).
+# (1.04-1.31x at M = 2048 and 8192), MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x; at 4096 0.92-1.01x,
+# at 8192 0.90-0.97x: BENCHMARKS.md).
 KMAJOR_XLA_FROM_M = 4096
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
