@@ -69,7 +69,7 @@ def main() -> None:
   p.add_argument("--sweep", default="", help="bm:bn:bk:warps:stages[:split_k],... to time kernel configs")
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
   p.add_argument("--pairs", default="", help="act:weight format pairs, comma-separated (both operands quantized)")
-  p.add_argument("--k-major", action="store_true", help="K-major (N, K) weights: the Mosaic GPU kernel (M <= 256)")
+  p.add_argument("--k-major", action="store_true", help="K-major (N, K) weights: the Mosaic GPU kernel")
   args = p.parse_args()
   if args.pairs:
     return pairs(args)
@@ -122,7 +122,7 @@ def main() -> None:
 
 
 def k_major(args) -> None:
-  """Weight-only with K-major (N, K) weights, the layout of the Mosaic GPU kernel (M <= 256): its time, fraction of
+  """Weight-only with K-major (N, K) weights, the layout of the Mosaic GPU kernel: its time, fraction of
   the floor (as in `main`) and speed-ups over XLA bf16, XLA dequantize-then-dot and `lb.matmul` on the same weights
   stored (K, N), all from this run. `--sweep split:groups:stages:tiles,...` times kernel configs instead."""
   bw = copy_bandwidth()

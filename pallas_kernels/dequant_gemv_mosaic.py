@@ -1,5 +1,5 @@
 """Weight-only matmul in Pallas Mosaic GPU: y = x @ dequantize(w).T on Hopper tensor cores, made for decode and
-short prefill (M <= 256: one tile of activation rows).
+prefill: up to 256 activation rows in one tile, more in tiles of 256.
 
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
@@ -9,8 +9,8 @@ the float32 tensor scale g, which multiplies the float32 sum (as in dequant_matm
 v * s * g to bfloat16.
 
 Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or the next power of two up to 256
-(the wgmma N; TMA fills the rows past M with zeros, no pad is written) and handed to wgmma as a transposed
-shared-memory operand, so x stays row-major.
+(the wgmma N; TMA fills rows past the array with zeros, so x is padded at most to a multiple of 8 rows) and
+handed to wgmma as a transposed shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M), a 1/split slice of K and one tile of R activation rows
 (R = 256 for M > 256: more rows take more programs). Per pipeline step (`groups`
 slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
