@@ -87,11 +87,13 @@ def test_more_rows_than_one_tile(fmt, m, cfg):
   assert _kernel_equals_exact_dot(x, w, cfg).shape == (m, 128)
 
 
-@pytest.mark.parametrize("fmt,m,wgs", [("mxfp4", 40, 2), ("nvfp4", 9, 2), ("int8_channel_sym", 64, 3),
-                                        ("int4_g32_sym", 1, 2)])
-def test_warp_specialized(fmt, m, wgs):
-  # Compute warpgroups with a 64-row weight tile each over one activation tile, a copy warpgroup feeding them.
-  _kernel_equals_exact_dot(*_operands(m, 64 * wgs * 2, 256, fmt, seed=11), Config(split=2, groups=1, stages=2, wgs=wgs))
+@pytest.mark.parametrize("fmt,m,wgs,programs", [("mxfp4", 40, 2, 2), ("nvfp4", 9, 2, 1), ("int8_channel_sym", 64, 3, 1),
+                                                 ("int4_g32_sym", 1, 2, 1)])
+def test_warp_specialized(fmt, m, wgs, programs):
+  # Compute warpgroups with a 64-row weight tile each over one activation tile, a copy warpgroup feeding them (one
+  # program per K split where a second adds only interpreter time).
+  x, w = _operands(m, 64 * wgs * programs, 256, fmt, seed=11)
+  _kernel_equals_exact_dot(x, w, Config(split=2, groups=1, stages=2, wgs=wgs))
 
 
 def test_dot_general_leading_dims_jit_and_dispatch():
