@@ -12,9 +12,9 @@ Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or 
 (the wgmma N; TMA fills rows past the array with zeros, so x is padded at most to a multiple of 8 rows) and
 handed to wgmma as a transposed shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M), a 1/split slice of K and one tile of R activation rows
-(R = 256 for M > 256: more rows take more programs). Per pipeline step (`groups`
-slices of 128 along K) TMA brings the code tiles in boxes of 128-byte rows, the slices' rows of scales and the
-(R, 128 * groups) activation tile into shared memory; the scales come as stored, a 16-byte window of each row's
+(R = 256 for M > 256: more rows take more programs). Per pipeline step (`groups` slices of 128 along K) TMA brings
+the code tiles in boxes of 128-byte rows, the slices' rows of scales and the (R, 128 * groups) activation tile into
+shared memory; the scales come as stored, a 16-byte window of each row's
 (N, K / B) scales, and widen to bfloat16 in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
 every 32 and the activations to match, see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
@@ -363,21 +363,18 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   accs = pl.run_scoped(with_stash, *stash_types) if interpret else with_stash()
   written = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
 
-  def store(accs):
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), o_gmem.dtype))
-    def _(o_smem):
-      for r, acc in enumerate(accs):
-        if interpret:
-          o_smem[r] = finish(acc).T
-        else:
-          _store_transposed(finish(acc), o_smem.at[r])
-      plgpu.commit_smem()
-      for r in range(tiles):
-        plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, written)],
-                                o_gmem.at[si, pl.ds(mi * mp, written), pl.ds(ni * bn + r * _BN, _BN)])
-      plgpu.wait_smem_to_gmem(0)
-
-  store(accs)
+  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), o_gmem.dtype))
+  def _store(o_smem):
+    for r, acc in enumerate(accs):
+      if interpret:
+        o_smem[r] = finish(acc).T
+      else:
+        _store_transposed(finish(acc), o_smem.at[r])
+    plgpu.commit_smem()
+    for r in range(tiles):
+      plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, written)],
+                              o_gmem.at[si, pl.ds(mi * mp, written), pl.ds(ni * bn + r * _BN, _BN)])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mosaic",
