@@ -14,8 +14,8 @@ handed to wgmma as a transposed shared-memory operand, so x stays row-major.
 A program owns `tiles` x 64 weight rows (64: the wgmma M), a 1/split slice of K and one tile of R activation rows
 (R = 256 for M > 256: more rows take more programs). Per pipeline step (`groups` slices of 128 along K) TMA brings
 the code tiles in boxes of 128-byte rows, the slices' rows of scales and the (R, 128 * groups) activation tile into
-shared memory; the scales come as stored, a 16-byte window of each row's
-(N, K / B) scales, and widen to bfloat16 in registers (`_scale_bf16`), so no XLA op transposes them per call.
+shared memory; the scales come as stored, a 16-byte window of each row's (N, K / B) scales, and widen to bfloat16
+in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
 every 32 and the activations to match, see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
 which is exactly the weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand,
@@ -243,7 +243,7 @@ def _scale_window(dtype, blocks: int) -> int:
 
 
 def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, steps: int, groups: int, stages: int,
-            tiles: int, wgs: int, n_tiles: int, m_tiles: int, backend: str):
+            tiles: int, wgs: int, mp: int, n_tiles: int, m_tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   # Grid axis 0 runs over (activation row tile, weight row tile), weight tiles fastest (programs launched together
@@ -259,7 +259,6 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   w_sw = box * bits // 8
   boxes = groups * _TK // box
   bn = _BN * tiles * wgs
-  mp = activation_rows(x_gmem.shape[0])
   width = max(block, 32)  # columns per wgmma: one scale block, or two blocks of 16
   x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one wgmma's activations per 8-row tile
   g_gmem, o_gmem = refs if len(refs) == 2 else (None, *refs)
@@ -422,12 +421,11 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     scale = lax.bitcast_convert_type(w.scale, jnp.uint8) if w.scale.dtype == jnp.float8_e8m0fnu else w.scale
     win = _scale_window(scale.dtype, cfg.groups * _TK // block)
     scale = jnp.pad(scale, ((0, 0), (0, -scale.shape[1] % win)))
-  r = activation_rows(m)
+  r = activation_rows(m)  # (the kernel's mp: activation rows per program)
   mt = -(-m // r)  # activation row tiles
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
-                             tiles=cfg.tiles, wgs=cfg.wgs, n_tiles=n // bn, m_tiles=mt,
-                             backend=backend)
+                             tiles=cfg.tiles, wgs=cfg.wgs, mp=r, n_tiles=n // bn, m_tiles=mt, backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
   # more than one row tile). A single K split writes the result (NVFP4's g applied, in out_dtype); more write
   # float32 partials that XLA sums.
