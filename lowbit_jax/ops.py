@@ -111,7 +111,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
 def _pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, impl: str, out_dtype) -> jax.Array:
   """Both operands quantized, in a pair `dispatch.pair_kernel` gives a kernel: int8 x int8 (Pallas) or block FP8
-  (jax_triton); `impl` is the chosen backend or "interpret"."""
+  (Mosaic GPU or jax_triton); `impl` is the chosen backend or "interpret"."""
   (_, rc), _ = dimension_numbers
   k_major = tuple(rc) == (1,)
   a, sa = lhs.data.reshape(-1, lhs.data.shape[-1]), lhs.scale.reshape(-1, lhs.scale.shape[-1])

@@ -5,10 +5,12 @@ Layouts: `a` (M, K) FP8 activation codes with one float32 scale per row and 128-
 `sb` (N / 128, K / 128) or (K / 128, N / 128) to match. K and the weight's N are padded to multiples of 128 (as the
 QArrays store them); `n` is the logical N of the output.
 
-Two implementations of the same blocking: `jax_triton`, a Triton kernel (fp8_block_matmul_triton.py) in which
-each 128-deep block is one run of FP8 MMAs with the tensor cores' own accumulation, promoted to a float32
-accumulator with its two scales (this needs Triton's default FP8 accumulation, which Pallas's lowering does not
-expose: REFERENCE section 5); and `interpret`, its XLA twin for any device, which forms each block's partial
+Implementations of the same blocking, in which each 128-deep block is one run of FP8 MMAs with the tensor cores'
+own accumulation, promoted to a float32 accumulator with its two scales: `mosaic`, a Pallas Mosaic GPU kernel for
+Hopper (fp8_block_matmul_mosaic.py: warp-specialized, one warpgroup's promotion overlapping the other's MMAs;
+`mosaic_interpret` runs it in the Mosaic GPU interpreter on any device); `jax_triton`, a Triton kernel
+(fp8_block_matmul_triton.py; it needs Triton's default FP8 accumulation, which Pallas's Triton lowering does not
+expose: REFERENCE section 5); and `interpret`, the XLA twin for any device, which forms each block's partial
 product exactly in float32 and promotes it the same way.
 """
 
@@ -24,9 +26,10 @@ from jax import lax
 from lowbit_jax.formats import Format
 from pallas_kernels import backend as _backend
 
-__all__ = ["Fp8BlockConfig", "default_config", "fp8_block_matmul", "supports"]
+__all__ = ["BACKENDS", "Fp8BlockConfig", "default_config", "fp8_block_matmul", "supports"]
 
 _FP8 = ("float8_e4m3fn", "float8_e5m2")
+BACKENDS = ("jax_triton", "mosaic", "mosaic_interpret", "interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +68,10 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
                      config: Fp8BlockConfig | None = None) -> jax.Array:
   """(M, n) out_dtype: the block-FP8 product of `a` and `b` (layouts in the module docstring).
 
-  `k_major`: `b` is (N, K); else (K, N), which the kernel transposes first (one pass over the weight): the FP8
+  `k_major`: `b` is (N, K); else (K, N), which the kernels transpose first (one pass over the weight): the FP8
   MMA reads its second operand K-major, and Triton's own relayout of a (K, N) FP8 tile ran 5x slower (BENCHMARKS.md).
-  `backend`: "jax_triton" (NVIDIA GPU) or "interpret" (the XLA twin, any device).
+  `backend`: one of BACKENDS: "mosaic" (Hopper), "jax_triton" (NVIDIA GPU), "mosaic_interpret" or "interpret" (any
+  device). `config` applies to the Triton kernel.
   """
   m, k = a.shape
   bk, bn_ = (b.shape[1], b.shape[0]) if k_major else b.shape
@@ -80,12 +84,15 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
                      f"{want_sb}.")
   if backend == "interpret":
     return _blocks_xla(a, sa, b if not k_major else b.T, sb if not k_major else sb.T)[:, :n].astype(out_dtype)
-  if backend != "jax_triton":
-    raise ValueError(f"fp8_block_matmul: backend must be 'jax_triton' or 'interpret', got {backend!r}.")
-  from pallas_kernels import fp8_block_matmul_triton as tk
-  cfg = config or default_config(m, n)
+  if backend not in BACKENDS:
+    raise ValueError(f"fp8_block_matmul: backend must be one of {BACKENDS}, got {backend!r}.")
   if not k_major:
     b, sb = b.T, sb.T
+  if backend.startswith("mosaic"):
+    from pallas_kernels import fp8_block_matmul_mosaic
+    return fp8_block_matmul_mosaic.fp8_block_matmul(a, sa, b, sb, out_dtype=out_dtype, backend=backend)[:, :n]
+  from pallas_kernels import fp8_block_matmul_triton as tk
+  cfg = config or default_config(m, n)
   grid = (-(-m // cfg.bm) * -(-n // cfg.bn),)
   return _backend.triton_call(
       tk.kernel, tk.kernel_aliased, a, sa.astype(jnp.float32), b, sb.astype(jnp.float32),

@@ -16,7 +16,8 @@ PAIRS = [("mxfp8_e4m3", "mxfp8_e4m3"), ("mxfp8_e5m2", "mxfp8_e4m3"), ("mxfp8_e4m
          ("fp8_block_1x128", "fp8_block_128x128"), ("mxfp8_e4m3", "int4_g32_asym"), ("nvfp4", "mxfp4")]
 SHAPES = [(5, 96, 40), (33, 200, 17)]  # (M, K, N); K = 200 is ragged for every block size
 DN = (((1,), (0,)), ((), ()))
-# Block-FP8 pairs run the Triton kernel where jax_triton is installed on a GPU, else its XLA twin.
+# The block-FP8 tests force the Triton kernel where jax_triton is installed on a GPU, else its XLA twin (the Mosaic
+# GPU kernel, which dispatch takes on Hopper, has its own test below).
 FP8_KERNEL = ("jax_triton" if jax.default_backend() == "gpu" and pallas_kernels.backend.jax_triton_available()
               else "interpret")
 
@@ -47,8 +48,8 @@ def test_quantized_pairs_match_the_ocp_dot(fa, fw, shape):
   y = lb.dot_general(qa, qw, DN, preferred_element_type=jnp.float32)
   ref, mag = ocp_dot(qa, qw)
   assert y.shape == ref.shape and y.dtype == jnp.float32
-  # the block-FP8 kernel's MMAs accumulate each 128-deep block in the tensor cores' format (see below)
-  tol = 2.0 ** -10 if fa.startswith("fp8_block") and FP8_KERNEL == "jax_triton" else shape[1] * 2.0 ** -23
+  # the block-FP8 kernels' MMAs accumulate each 128-deep block in the tensor cores' format (see below)
+  tol = 2.0 ** -10 if fa.startswith("fp8_block") and jax.default_backend() == "gpu" else shape[1] * 2.0 ** -23
   np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), tol * mag + 1e-30)
   assert lb.matmul(qa, qw).dtype == jnp.bfloat16  # lhs's logical dtype by default
 
@@ -137,7 +138,7 @@ def test_pairs_without_a_kernel_refuse_a_forced_kernel():
   with pytest.raises(ValueError, match="kernels for int8 per-token x per-channel and block-FP8"):
     lb.dot_general(qa, qw, DN, backend="interpret")
   qa, qw = quantized(x, w, "fp8_block_1x128", "fp8_block_128x128")
-  with pytest.raises(ValueError, match="a 'jax_triton' kernel"):
+  with pytest.raises(ValueError, match="its kernel is a '(jax_triton|mosaic)' kernel"):
     lb.dot_general(qa, qw, DN, backend="pallas")
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
@@ -167,3 +168,29 @@ def test_block_fp8_kernel_matches_the_ocp_dot(k_major, shape):
   np.testing.assert_array_less(np.abs(np.asarray(y, np.float64).reshape(b * m, n) - ref), tol * mag + 1e-30)
   yb = lb.dot_general(qa, qw, dn, backend=FP8_KERNEL)  # bfloat16 out: the float32 result rounded once
   np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(y.astype(jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize("m, k, n", [(5, 256, 128), (130, 384, 300), (256, 640, 256)])
+def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n):
+  """The Mosaic GPU block-FP8 kernel (K-major weights): on Hopper the kernel itself, whose FP8 MMAs accumulate a
+  block in the tensor cores' format; elsewhere the Mosaic GPU interpreter (float32 sums). Ragged M (a row tile
+  overhangs the array, and M < 8 reads past it), N padded to whole tiles, K over several blocks and a partial
+  window of weight scales; float32 and bfloat16 outputs."""
+  from pallas_kernels.backend import hopper_available
+  from pallas_kernels.fp8_block_matmul import fp8_block_matmul
+  mosaic = "mosaic" if hopper_available() else "mosaic_interpret"
+  x, w = operands(m, k, n, seed=7)
+  qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
+  call = lambda dtype: fp8_block_matmul(qa.data, qa.scale, qw.data, qw.scale, n=n, k_major=True, out_dtype=dtype,
+                                        backend=mosaic)
+  y = np.asarray(call(jnp.float32), np.float64)
+  a = np.asarray(lb.dequantize(qa, jnp.float32), np.float64)
+  wd = np.asarray(lb.dequantize(qw, jnp.float32), np.float64).T
+  ref, mag = a @ wd, np.abs(a) @ np.abs(wd)
+  tol = 2.0 ** -10 if mosaic == "mosaic" else k * 2.0 ** -23
+  assert y.shape == (m, n)
+  np.testing.assert_array_less(np.abs(y - ref), tol * mag + 1e-30)
+  yb = call(jnp.bfloat16)  # the float32 result rounded once
+  np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(y.astype(np.float32).astype(jnp.bfloat16),
+                                                                       np.float32))
+
