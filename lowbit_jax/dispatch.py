@@ -5,8 +5,9 @@ of rows M where it wins), else the XLA reference, with a one-time warning that n
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
 Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
 with K-major (N, K) int4 / int8 / MXFP4 / NVFP4 weights (int4 at any M, the others below KMAJOR_XLA_FROM_M rows)
-is Pallas lowered through Mosaic GPU (`mosaic`, Hopper); block FP8 is a Triton kernel launched by jax_triton
-(`jax_triton`, the optional `lowbit-jax[triton]` extra; without it a GPU warns once and runs XLA). `pallas`,
+is Pallas lowered through Mosaic GPU (`mosaic`, Hopper); block FP8 is a Mosaic GPU kernel on Hopper from
+BLOCK_FP8_MOSAIC_FROM_M rows, and otherwise a Triton kernel launched by jax_triton (`jax_triton`, the optional
+`lowbit-jax[triton]` extra; a GPU with neither warns once and runs XLA). `pallas`,
 `mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the
 Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
 """
@@ -38,6 +39,12 @@ KMAJOR_XLA_FROM_M = 4096
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
+# Block-FP8 pairs have two kernels, either of which can be forced: Mosaic GPU (Hopper; 128-row tiles, 1.35-1.48x
+# bf16 at M = 2048 and 8192 against the Triton kernel's 1.09-1.24x in the same run) and Triton through jax_triton
+# (any GPU with FP8 MMAs; 64-row tiles up to M = 64, where it beat the Mosaic kernel on two of three shapes at
+# M = 16: BENCHMARKS.md). On Hopper the Mosaic kernel runs from this many rows on, and below it without jax_triton.
+BLOCK_FP8_KERNELS = ("mosaic", "jax_triton")
+BLOCK_FP8_MOSAIC_FROM_M = 65
 
 
 def weight_only_kernel(lhs, rhs: QArray, dimension_numbers, m: int) -> tuple[str, str | None]:
@@ -68,14 +75,16 @@ def _warn_once(reason: str) -> None:
                   stacklevel=4)
 
 
-def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers) -> tuple[str | None, str | None]:
-  """(the backend of the kernel for these two quantized operands, None if none takes them; why not)."""
+def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int) -> tuple[str | None, str | None]:
+  """(the backend of the kernel for these two quantized operands and M rows, None if none takes them; why not)."""
   from lowbit_jax.xla import int8_pair, matrix_pair
+  from pallas_kernels.backend import hopper_available, jax_triton_available
   from pallas_kernels.fp8_block_matmul import supports
   if int8_pair(lhs, rhs, dimension_numbers):
     return "pallas", None
   if matrix_pair(lhs, rhs, dimension_numbers) and supports(lhs.format, rhs.format) is None:
-    return "jax_triton", None
+    mosaic = hopper_available() and (m >= BLOCK_FP8_MOSAIC_FROM_M or not jax_triton_available())
+    return ("mosaic" if mosaic else "jax_triton"), None
   return None, ("quantized activations have kernels for int8 per-token x per-channel and block-FP8 "
                 f"(1x128 x 128x128) pairs (got {lhs.format.name} x {rhs.format.name}; XLA dots the dequantized "
                 "operands)")
@@ -91,7 +100,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
     return "xla"
   kernel = "pallas"
   if isinstance(lhs, QArray) and isinstance(rhs, QArray):
-    kernel, reason = pair_kernel(lhs, rhs, dimension_numbers)
+    kernel, reason = pair_kernel(lhs, rhs, dimension_numbers, m)
   elif isinstance(lhs, QArray):
     reason = "a quantized lhs needs a quantized rhs"
   else:
@@ -101,7 +110,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
       raise ValueError(f"backend={backend!r} cannot run this call: {reason}.")
     if backend == "interpret":
       return backend
-    if backend != kernel:
+    if backend != kernel and {backend, kernel} != set(BLOCK_FP8_KERNELS):
       raise ValueError(f"backend={backend!r} cannot run this call: its kernel is a {kernel!r} kernel.")
     if not on_gpu(lhs):
       raise ValueError(f"backend={backend!r} needs an NVIDIA GPU; use backend='interpret' to run the kernel's "
@@ -136,7 +145,7 @@ def _missing(kernel: str) -> str | None:
   if kernel == "jax_triton" and not jax_triton_available():
     return "block-FP8 pairs need the Triton kernel, launched by jax_triton: pip install 'lowbit-jax[triton]'"
   if kernel == "mosaic" and not hopper_available():
-    return "the K-major weight kernel issues wgmma, a Hopper instruction; this GPU runs dequantize-then-dot"
+    return "Mosaic GPU kernels issue wgmma, a Hopper instruction; this GPU runs the XLA path"
   return None
 
 
