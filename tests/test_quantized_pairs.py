@@ -170,7 +170,7 @@ def test_block_fp8_kernel_matches_the_ocp_dot(k_major, shape):
   np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(y.astype(jnp.bfloat16), np.float32))
 
 
-@pytest.mark.parametrize("m, k, n", [(5, 256, 128), (130, 384, 300), (128, 640, 128)])
+@pytest.mark.parametrize("m, k, n", [(5, 256, 128), (130, 256, 100), (128, 640, 128)])
 def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n):
   """The Mosaic GPU block-FP8 kernel (K-major weights): on Hopper the kernel itself, whose FP8 MMAs accumulate a
   block in the tensor cores' format; elsewhere the Mosaic GPU interpreter (float32 sums). Ragged M (a row tile
