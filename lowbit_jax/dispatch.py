@@ -75,14 +75,18 @@ def _warn_once(reason: str) -> None:
                   stacklevel=4)
 
 
-def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int) -> tuple[str | None, str | None]:
-  """(the backend of the kernel for these two quantized operands and M rows, None if none takes them; why not)."""
+def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str | None = None) -> tuple[
+    str | None, str | None]:
+  """(the backend of the kernel for these two quantized operands and M rows, None if none takes them; why not).
+  `forced`: the backend the caller asked for, taken where it is one of several kernels for the pair."""
   from lowbit_jax.xla import int8_pair, matrix_pair
   from pallas_kernels.backend import hopper_available, jax_triton_available
   from pallas_kernels.fp8_block_matmul import supports
   if int8_pair(lhs, rhs, dimension_numbers):
     return "pallas", None
   if matrix_pair(lhs, rhs, dimension_numbers) and supports(lhs.format, rhs.format) is None:
+    if forced in BLOCK_FP8_KERNELS:
+      return forced, None
     mosaic = hopper_available() and (m >= BLOCK_FP8_MOSAIC_FROM_M or not jax_triton_available())
     return ("mosaic" if mosaic else "jax_triton"), None
   return None, ("quantized activations have kernels for int8 per-token x per-channel and block-FP8 "
@@ -100,7 +104,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
     return "xla"
   kernel = "pallas"
   if isinstance(lhs, QArray) and isinstance(rhs, QArray):
-    kernel, reason = pair_kernel(lhs, rhs, dimension_numbers, m)
+    kernel, reason = pair_kernel(lhs, rhs, dimension_numbers, m, forced=backend)
   elif isinstance(lhs, QArray):
     reason = "a quantized lhs needs a quantized rhs"
   else:
@@ -110,7 +114,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
       raise ValueError(f"backend={backend!r} cannot run this call: {reason}.")
     if backend == "interpret":
       return backend
-    if backend != kernel and {backend, kernel} != set(BLOCK_FP8_KERNELS):
+    if backend != kernel:
       raise ValueError(f"backend={backend!r} cannot run this call: its kernel is a {kernel!r} kernel.")
     if not on_gpu(lhs):
       raise ValueError(f"backend={backend!r} needs an NVIDIA GPU; use backend='interpret' to run the kernel's "

@@ -207,3 +207,12 @@ def test_block_fp8_pairs_choose_their_kernel_by_gpu_and_rows(monkeypatch, hopper
   x, w = operands(4, 256, 128)
   qa, qw = quantized(x, w, "fp8_block_1x128", "fp8_block_128x128")
   assert dispatch.pair_kernel(qa, qw, DN, m) == (want, None)
+
+
+def test_only_block_fp8_pairs_take_either_fp8_kernel():
+  """Forcing the other block-FP8 kernel is a choice between two kernels of that pair only: a K-major weight-only
+  call (a Mosaic kernel's) refuses backend="jax_triton" rather than run something else."""
+  x, w = operands(4, 256, 128)
+  qw = lb.quantize(w.T, "int4_g128_sym", axis=1)
+  with pytest.raises(ValueError, match="its kernel is a 'mosaic' kernel"):
+    lb.dot_general(x, qw, (((1,), (1,)), ((), ())), backend="jax_triton")
