@@ -174,8 +174,8 @@ def test_block_fp8_kernel_matches_the_ocp_dot(k_major, shape):
 def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n):
   """The Mosaic GPU block-FP8 kernel (K-major weights): on Hopper the kernel itself, whose FP8 MMAs accumulate a
   block in the tensor cores' format; elsewhere the Mosaic GPU interpreter (float32 sums). Ragged M (a row tile
-  overhangs the array, and M < 8 reads past it), N padded to whole tiles, K over several blocks and a partial
-  window of weight scales; float32 and bfloat16 outputs."""
+  overhangs the array, and M < 8 reads past it), N padded to whole tiles, K over more blocks than pipeline stages;
+  float32 and bfloat16 outputs."""
   from pallas_kernels.backend import hopper_available
   from pallas_kernels.fp8_block_matmul import fp8_block_matmul
   mosaic = "mosaic" if hopper_available() else "mosaic_interpret"
