@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["BACKENDS", "byte_bits", "call", "div_by", "div_rn", "dot", "gpu_available", "hopper_available", "in_bounds",
-           "jax_triton_available", "load", "on_gpu", "program_id", "store", "tile_mask", "triton_call"]
+           "jax_triton_available", "load", "on_gpu", "program_id", "store", "tile_mask", "tma_rows", "triton_call"]
 
 BACKENDS = ("triton", "interpret", "mosaic", "mosaic_interpret")
 
@@ -88,6 +88,14 @@ def _mosaic_call(kernel, backend, params, out_shape, grid, threads) -> Callable:
     return jax.tree.map(lambda r: r[...], refs)
 
   return poisoned
+
+
+def tma_rows(x: jax.Array) -> jax.Array:
+  """`x` (R, C) as a Mosaic GPU kernel's TMA copies read it in tiles of 8 rows: unchanged with at most 8 rows or a
+  multiple of 8 (a box reaching past the array reads zeros there), else padded with zero rows to the next multiple
+  (Mosaic's 8-row tiling takes no other row counts)."""
+  r = x.shape[0]
+  return x if r <= 8 or r % 8 == 0 else jnp.pad(x, ((0, -r % 8), (0, 0)))
 
 
 def program_id(axis: int, *, backend: str):

@@ -406,9 +406,8 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     raise ValueError(f"dequant_gemv: {cfg} at M = {m} takes {smem_bytes(cfg, m, bits, block)} bytes of shared "
                      f"memory (at most {_SMEM}): fewer stages, groups or tiles.")
   # x is the wgmma B operand, transposed: activation_rows(M) rows per tile (wgmma's N is a multiple of 8), those past
-  # M read beyond the array (TMA fills zeros), each feeding only an output row that is dropped. (TMA's 8-row tiling
-  # takes arrays of fewer than 8 rows or a multiple of 8, so other M are padded to the next multiple.)
-  xp = x if m <= 8 else jnp.pad(x, ((0, -m % 8), (0, 0)))
+  # M read beyond the array (TMA fills zeros), each feeding only an output row that is dropped.
+  xp = _backend.tma_rows(x)
   if bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4-bit codes

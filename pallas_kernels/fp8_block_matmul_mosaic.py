@@ -105,7 +105,7 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
   m, k = a.shape
   n = b.shape[0]
   m_tiles, n_tiles, steps = -(-m // BLOCK), n // BLOCK, k // BLOCK
-  a = a if m <= 8 or m % 8 == 0 else jnp.pad(a, ((0, -m % 8), (0, 0)))
+  a = _backend.tma_rows(a)
   sat = jnp.pad(sa.astype(jnp.float32).T, ((0, 0), (0, -m % 4)))
   sb = jnp.pad(sb.astype(jnp.float32)[:, :, None], ((0, 0), (0, 0), (0, _SB_BOX - 1))).reshape(n_tiles, -1)
   kernel = functools.partial(_kernel, steps=steps, stages=stages, m_tiles=m_tiles, n_tiles=n_tiles,
