@@ -134,12 +134,10 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if missing:
     _warn_once(missing)
     return "xla"
+  if isinstance(lhs, QArray):  # pairs: block FP8 always runs its kernel; int8 from INT8_KERNEL_FROM_M rows
+    return kernel if kernel != "pallas" or m >= INT8_KERNEL_FROM_M else "xla"
   if kernel == "mosaic":
     return "xla" if m >= xla_from_m(rhs.format, k_major=True) else kernel
-  if kernel == "jax_triton":
-    return kernel
-  if isinstance(lhs, QArray):
-    return "pallas" if m >= INT8_KERNEL_FROM_M else "xla"
   return "xla" if m >= xla_from_m(rhs.format) else "pallas"
 
 

@@ -3,6 +3,8 @@
 References are computed in float64 from the dequantized operands (the OCP dot: exact products, one sum); the
 library accumulates in float32, so results agree within float32 accumulation error.
 """
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,17 +198,24 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n):
 
 
 @pytest.mark.parametrize("hopper, triton, m, want", [
-    (True, True, 2048, "mosaic"), (True, True, 65, "mosaic"), (True, True, 64, "jax_triton"),
-    (True, False, 16, "mosaic"), (False, True, 2048, "jax_triton"), (False, False, 2048, "jax_triton")])
+    (True, True, 2048, "mosaic"), (True, True, 8192, "mosaic"), (True, True, 65, "mosaic"),
+    (True, True, 64, "jax_triton"), (True, False, 16, "mosaic"), (False, True, 8192, "jax_triton"),
+    (False, False, 2048, "jax_triton")])
 def test_block_fp8_pairs_choose_their_kernel_by_gpu_and_rows(monkeypatch, hopper, triton, m, want):
   """On Hopper the Mosaic kernel from BLOCK_FP8_MOSAIC_FROM_M rows (and below it without jax_triton), else the
-  Triton kernel; either can be forced; a GPU without jax_triton or Hopper has no kernel (choose warns, runs XLA)."""
+  Triton kernel, at any M (no weight-only row limit sends a pair to XLA); a GPU without jax_triton or Hopper has no
+  kernel (choose warns, runs XLA)."""
   from lowbit_jax import dispatch
   monkeypatch.setattr(pallas_kernels.backend, "hopper_available", lambda: hopper)
   monkeypatch.setattr(pallas_kernels.backend, "jax_triton_available", lambda: triton)
   x, w = operands(4, 256, 128)
   qa, qw = quantized(x, w, "fp8_block_1x128", "fp8_block_128x128")
   assert dispatch.pair_kernel(qa, qw, DN, m) == (want, None)
+  monkeypatch.setattr(pallas_kernels.backend, "on_gpu", lambda x: True)
+  runs = want if (hopper if want == "mosaic" else triton) else "xla"
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    assert dispatch.choose("auto", qa, qw, DN, m) == runs
 
 
 def test_only_block_fp8_pairs_take_either_fp8_kernel():
