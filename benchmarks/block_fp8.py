@@ -1,12 +1,14 @@
 """Block FP8 (1x128 activations x 128x128 weights, K-major) kernels side by side on the GPU, timed in one run.
 
 For each (N, K) weight shape and M: XLA bf16 `a @ b.T`, XLA's per-tensor FP8 GEMM (`a @ b.T` on float8_e4m3fn
-operands: no block scales, its fastest FP8 layout), the Triton kernel (`jax_triton`, where installed) and the Mosaic
-GPU kernel at each pipeline depth asked for; TFLOP/s of the fastest Mosaic depth and the ratios the issue's targets
-name (>= 1.5x bf16, >= 0.8x XLA's FP8 GEMM). Activations and weights are quantized before timing.
+operands: no block scales, its fastest FP8 layout), the Triton kernel (`jax_triton`, where installed), the Mosaic
+GPU kernel in its default configuration (`default_config`: what dispatch runs) and in each configuration asked for
+(K blocks in flight x compute warpgroups x cluster rows x cluster columns, as `4x3x1x2`; 4 stages, 2 warpgroups
+and no cluster where left out). TFLOP/s and the ratios the issue's targets name (>= 1.5x bf16, >= 0.8x XLA's FP8
+GEMM) are the default configuration's. Activations and weights are quantized before timing.
 
 Usage (Hopper):
-  PYTHONPATH=. python benchmarks/block_fp8.py [--shapes 8192x8192,28672x8192] [--ms 16,2048,8192] [--stages 3,4,5]
+  PYTHONPATH=. python benchmarks/block_fp8.py [--shapes 8192x8192,28672x8192] [--ms 16,2048,8192] [--configs 4,4x3]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 
 import lowbit_jax as lb
 from benchmarks.common import header, time_calls
-from pallas_kernels import fp8_block_matmul_mosaic
+from pallas_kernels import fp8_block_matmul_mosaic as mosaic
 from pallas_kernels.backend import jax_triton_available
 from pallas_kernels.fp8_block_matmul import fp8_block_matmul
 
@@ -29,13 +31,15 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672")
   p.add_argument("--ms", default="16,2048,8192")
-  p.add_argument("--stages", default="4", help="pipeline depths of the Mosaic kernel to time")
+  p.add_argument("--configs", default="", help="more Mosaic configurations: stages[xwarpgroups[xrowsxcolumns]]")
   a = p.parse_args()
-  stages = [int(s) for s in a.stages.split(",")]
+  configs = [[*map(int, c.split("x"))] for c in a.configs.split(",") if c]
+  configs = [tuple(c + [4, 2, 1, 1][len(c):]) for c in configs]  # (stages, warpgroups, cluster rows, columns)
   print(header())
-  print("| M | N | K | bf16 us | XLA FP8 us | Triton us | " + " | ".join(f"Mosaic {s} stages us" for s in stages) +
-        " | Mosaic TFLOP/s | Mosaic vs bf16 | Triton vs bf16 | Mosaic vs XLA FP8 |")
-  print("|---|---|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|", flush=True)
+  print("| M | N | K | bf16 us | XLA FP8 us | Triton us | Mosaic default | us | " +
+        "".join(f"{'x'.join(map(str, c))} us | " for c in configs) +
+        "Mosaic TFLOP/s | Mosaic vs bf16 | Triton vs bf16 | Mosaic vs XLA FP8 |")
+  print("|---|---|---|---|---|---|---|---|" + "---|" * len(configs) + "---|---|---|---|", flush=True)
   for shape in a.shapes.split(","):
     n, k = map(int, shape.split("x"))
     for m in map(int, a.ms.split(",")):
@@ -52,13 +56,15 @@ def main() -> None:
       if jax_triton_available():
         t_triton = time_calls(lambda qa, qw: fp8_block_matmul(qa.data, qa.scale, qw.data, qw.scale, n=n, k_major=True,
                                                               backend="jax_triton"), qas, qws)
-      ts = [time_calls(lambda qa, qw, s=s: fp8_block_matmul_mosaic.fp8_block_matmul(
-          qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.bfloat16, backend="mosaic", stages=s), qas, qws)
-            for s in stages]
-      t = min(ts)
-      print(f"| {m} | {n} | {k} | {t_bf16 * 1e6:.0f} | {t_fp8 * 1e6:.0f} | {t_triton * 1e6:.0f} | " +
-            " | ".join(f"{v * 1e6:.0f}" for v in ts) + f" | {2 * m * n * k / t / 1e12:.0f} | {t_bf16 / t:.2f}x | "
-            f"{t_bf16 / t_triton:.2f}x | {t_fp8 / t:.2f}x |", flush=True)
+      run = lambda **kw: time_calls(lambda qa, qw: mosaic.fp8_block_matmul(
+          qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.bfloat16, backend="mosaic", **kw), qas, qws)
+      t = run()
+      ts = [run(stages=c[0], wgs=c[1], cluster=c[2:]) for c in configs]
+      wgs, cluster = mosaic.default_config(m, n)
+      print(f"| {m} | {n} | {k} | {t_bf16 * 1e6:.0f} | {t_fp8 * 1e6:.0f} | {t_triton * 1e6:.0f} | "
+            f"4x{wgs}x{cluster[0]}x{cluster[1]} | {t * 1e6:.0f} | " + "".join(f"{v * 1e6:.0f} | " for v in ts) +
+            f"{2 * m * n * k / t / 1e12:.0f} | {t_bf16 / t:.2f}x | {t_bf16 / t_triton:.2f}x | {t_fp8 / t:.2f}x |",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ KMAJOR_XLA_FROM_M = 4096
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
-# Block-FP8 pairs have two kernels, either of which can be forced: Mosaic GPU (Hopper; 128-row tiles, 1.21-1.44x
-# bf16 at M = 2048 and 8192 against the Triton kernel's 1.07-1.19x in the same run) and Triton through jax_triton
+# Block-FP8 pairs have two kernels, either of which can be forced: Mosaic GPU (Hopper; 1.39-1.65x bf16 at M = 2048
+# and 8192 against the Triton kernel's 1.10-1.18x in the same run) and Triton through jax_triton
 # (any GPU with FP8 MMAs; 64-row tiles up to M = 64, and faster than the Mosaic kernel on all three shapes at
 # M = 16: BENCHMARKS.md). On Hopper the Mosaic kernel runs from this many rows on, and below it without jax_triton.
 BLOCK_FP8_KERNELS = ("mosaic", "jax_triton")

@@ -46,26 +46,28 @@ def _compiler_params(backend: str, num_warps: int, num_stages: int) -> Any:
 
 
 def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs, num_warps: int = 4,
-         num_stages: int = 3, name: str | None = None, threads: int = 1) -> Callable:
+         num_stages: int = 3, name: str | None = None, threads: int = 1,
+         cluster: dict[str, int] | None = None) -> Callable:
   """`pl.pallas_call` for `backend` (one of BACKENDS); `plgpu.kernel` for the Mosaic GPU ones.
 
   Mosaic GPU kernels ("mosaic", "mosaic_interpret") take every operand in global memory (in_specs and out_specs
   None), move tiles themselves and read their grid position through `program_id`; `threads` > 1 runs that many
-  warpgroups per program, indexed by the axis "wg". num_warps, num_stages and name apply to the Pallas-Triton
-  kernels only.
+  warpgroups per program, indexed by the axis "wg"; `cluster` {axis name: size} groups that many programs into a
+  thread-block cluster (axes of size 1 are left out), each then one index of the grid. num_warps, num_stages and
+  name apply to the Pallas-Triton kernels only.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
   params = _compiler_params(backend, num_warps, num_stages)
   if backend.startswith("mosaic"):
-    return _mosaic_call(kernel, backend, params, out_shape, grid, threads)
+    return _mosaic_call(kernel, backend, params, out_shape, grid, threads, cluster)
   return _call(kernel, backend == "interpret", params, out_shape, grid, in_specs, out_specs, name)
 
 
 _GRID_NAMES = ("grid0", "grid1", "grid2")
 
 
-def _mosaic_call(kernel, backend, params, out_shape, grid, threads) -> Callable:
+def _mosaic_call(kernel, backend, params, out_shape, grid, threads, cluster) -> Callable:
   """`plgpu.kernel` over a named grid (the Mosaic GPU interpreter's pallas_call keeps the writes of the first
   program only). With POISON the outputs are refs that start poisoned, which the kernel writes in place; the
   interpreter (which takes no such refs) starts every output as NaN itself."""
@@ -76,9 +78,11 @@ def _mosaic_call(kernel, backend, params, out_shape, grid, threads) -> Callable:
     # Reads past an array's edge take whatever is there, as TMA's zero fill is not for the interpreter to promise
     # (kernels use such rows only for results they drop).
     interpret = InterpretGPUParams(out_of_bounds_reads="uninitialized")
+  cluster = {name: size for name, size in (cluster or {}).items() if size > 1}
+  threads = dict(num_threads=threads, thread_name="wg") if threads > 1 else {}
   launch = functools.partial(plgpu.kernel, kernel, grid=grid, grid_names=_GRID_NAMES[:len(grid)],
-                             compiler_params=params, interpret=interpret,
-                             **(dict(num_threads=threads, thread_name="wg") if threads > 1 else {}))
+                             cluster=tuple(cluster.values()), cluster_names=tuple(cluster), compiler_params=params,
+                             interpret=interpret, **threads)
   if not POISON or interpret is not None:
     return launch(out_type=out_shape)
 

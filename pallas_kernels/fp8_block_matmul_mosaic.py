@@ -1,19 +1,23 @@
 """The block-FP8 GEMM in Pallas Mosaic GPU (Hopper), beside the Triton kernel of fp8_block_matmul_triton.py: the
 same blocking and layouts (fp8_block_matmul.py), K-major (N, K) weights only.
 
-A program owns a (128, 128) tile of the output: two compute warpgroups of 64 rows each, and a third warpgroup that
-issues the TMA copies (`emit_pipeline_warp_specialized`), `stages` 128-deep K blocks in flight. Per block a compute
-warpgroup runs its FP8 wgmmas into a fresh float32 accumulator (the tensor cores' own accumulation over the block,
-as in the Triton kernel), waits for them and promotes the block into its float32 sum in registers: sum += part *
-(row's activation scale * tile's weight scale). While one warpgroup promotes, the other's MMAs keep the tensor
-cores busy (DeepGEMM's overlap; the Triton kernel waits with its whole program).
+A program owns a (64 wgs, 128) tile of the output: `wgs` compute warpgroups of 64 rows each (2 or 3), and one
+more warpgroup that issues the TMA copies (`emit_pipeline_warp_specialized`), `stages` 128-deep K blocks in
+flight. Per block a compute warpgroup runs its FP8 wgmmas into a fresh float32 accumulator (the tensor cores' own
+accumulation over the block, as in the Triton kernel), waits for them and promotes the block into its float32 sum
+in registers: sum += part * (row's activation scale * tile's weight scale). While one warpgroup promotes, the
+others' MMAs keep the tensor cores busy (DeepGEMM's overlap; the Triton kernel waits with its whole program).
+Programs may run in clusters of 2 x 1, 1 x 2 or 2 x 2 tiles, where one TMA multicast brings a weight tile to the
+cluster's row tiles and an activation tile to its column tiles: the kernel moves about 8 bytes from L2 per 1000
+FLOP at 128 rows, near L2's bandwidth at FP8 rates (Nsight Compute: L2 throughput 81% of peak), and larger
+tiles and multicast cut that.
 
 Operands as the kernel reads them (the wrapper prepares them): `a` (M, K) FP8, more than 8 rows padded to a
-multiple of 8 (TMA's 8-row tiling; rows past the array read as zeros); `sa_t` (K / 128, M') float32, the activation scales transposed so that a block's 128 row
-scales are one TMA row (M' = M rounded up to 4: 16-byte row strides); `b` (N, K) FP8 with N a multiple of 128;
-`sb32` (N / 128, 32 K / 128) float32, each block's scale followed by 31 zeros: a step reads its scale as the first
-value of a 128-byte TMA box (every shared-memory slot a TMA writes must be 128-byte aligned; 16-byte slots of
-scales faulted with a misaligned address).
+multiple of 8 (TMA's 8-row tiling; rows past the array read as zeros); `sa_t` (K / 128, M') float32, the
+activation scales transposed so that a tile's row scales for a block are one TMA row (M' = M rounded up to 4:
+16-byte row strides); `b` (N, K) FP8 with N a multiple of 128; `sb32` (N / 128, 32 K / 128) float32, each block's
+scale followed by 31 zeros: a step reads its scale as the first value of a 128-byte TMA box (every shared-memory
+slot a TMA writes must be 128-byte aligned; 16-byte slots of scales faulted with a misaligned address).
 """
 
 from __future__ import annotations
@@ -27,32 +31,38 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
 
-__all__ = ["BLOCK", "fp8_block_matmul"]
+__all__ = ["BLOCK", "default_config", "fp8_block_matmul"]
 
-BLOCK = 128  # K per scale block, output columns per program, rows per program (two warpgroups of 64)
+BLOCK = 128  # K per scale block, output columns per program
 _WG_ROWS = 64  # the wgmma M
 _SB_BOX = 32  # float32 values per TMA box of weight scales: 128 bytes
+_SMEM = 232448 - 1024  # bytes of shared memory a Hopper block may take, less room for the pipeline's barriers
 _GROUP = 8  # row tiles launched together over each column tile (they share its weights in L2)
 
 
-def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: int, m_tiles: int, n_tiles: int,
-            backend: str):
+def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: int, wgs: int,
+            cluster: tuple[int, int], m_tiles: int, n_tiles: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
-  # Grouped launch order: _GROUP row tiles run over each column tile in turn.
+  cm, cn = cluster
+  tile_m = wgs * _WG_ROWS
+  # Grouped launch order over clusters of (cm, cn) tiles: _GROUP row tiles run over each column tile in turn.
   pid = _backend.program_id(0, backend=backend)
-  in_group = _GROUP * n_tiles
-  first = pid // in_group * _GROUP
-  size = jnp.minimum(m_tiles - first, _GROUP)
-  mi = first + pid % in_group % size
-  ni = pid % in_group // size
+  group = _GROUP // cm
+  in_group = group * (n_tiles // cn)
+  first = pid // in_group * group
+  size = jnp.minimum(m_tiles // cm - first, group)
+  mi = (first + pid % in_group % size) * cm + (lax.axis_index("cm") if cm > 1 else 0)
+  ni = pid % in_group // size * cn + (lax.axis_index("cn") if cn > 1 else 0)
   wg = lax.axis_index("wg")
   rows = pl.ds(wg * _WG_ROWS, _WG_ROWS)
   tiled = (plgpu.TilingTransform((8, BLOCK)), plgpu.SwizzleTransform(128))  # 128 FP8 codes: one 128-byte row
   in_specs = [
-      plgpu.BlockSpec((BLOCK, BLOCK), lambda k: (mi, k), transforms=tiled),
-      plgpu.BlockSpec((BLOCK, BLOCK), lambda k: (ni, k), transforms=tiled),
-      plgpu.BlockSpec((1, BLOCK), lambda k: (k, mi)),
+      # an activation tile is shared by the cluster's column tiles, a weight tile by its row tiles: one TMA
+      # multicast to both halves the L2 reads of that operand
+      plgpu.BlockSpec((tile_m, BLOCK), lambda k: (mi, k), transforms=tiled, collective_axes=("cn",) * (cn > 1)),
+      plgpu.BlockSpec((BLOCK, BLOCK), lambda k: (ni, k), transforms=tiled, collective_axes=("cm",) * (cm > 1)),
+      plgpu.BlockSpec((1, tile_m), lambda k: (k, mi)),
       plgpu.BlockSpec((1, _SB_BOX), lambda k: (ni, k)),
   ]
 
@@ -78,7 +88,7 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
     total = eval_pipeline(zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA))
     o_smem[wg] = total.astype(o_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(mi * BLOCK + wg * _WG_ROWS, _WG_ROWS),
+    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(mi * tile_m + wg * _WG_ROWS, _WG_ROWS),
                                                      pl.ds(ni * BLOCK, BLOCK)])
     plgpu.wait_smem_to_gmem(0)
 
@@ -89,27 +99,53 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
     stash = stash[0].at[wg] if stash else None
     plgpu.emit_pipeline_warp_specialized(
         functools.partial(step, stash=stash), grid=(steps,), memory_registers=40, in_specs=in_specs,
-        max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=wgs,
         compute_context=functools.partial(compute, o_smem))(a_gmem, b_gmem, sat_gmem, sb_gmem)
 
-  stash = [plgpu.SMEM((2, BLOCK, BLOCK), b_gmem.dtype)] if interpret else []
-  pl.run_scoped(scope, plgpu.SMEM((2, _WG_ROWS, BLOCK), o_gmem.dtype, transforms=out_tiled), *stash,
+  stash = [plgpu.SMEM((wgs, BLOCK, BLOCK), b_gmem.dtype)] if interpret else []  # a (K, N) block per warpgroup
+  pl.run_scoped(scope, plgpu.SMEM((wgs, _WG_ROWS, BLOCK), o_gmem.dtype, transforms=out_tiled), *stash,
                 collective_axes="wg")
 
 
+def default_config(m: int, n: int, backend: str = "mosaic") -> tuple[int, tuple[int, int]]:
+  """(warpgroups, cluster) from the sweep in BENCHMARKS.md (H100, M = 2048 and 8192): from 2048 rows, tiles of
+  192 rows on three warpgroups (a sixth less L2 traffic per product than 128 rows) in pairs of column tiles that
+  share the activation tile by multicast; below, 128-row tiles (fewer rows computed in vain on a ragged M). The
+  interpreter takes two warpgroups and no cluster: it runs no cluster barriers, and with four warpgroups it hung
+  on a 2-core machine (JAX 0.10)."""
+  if m < 2048 or backend == "mosaic_interpret":
+    return 2, (1, 1)
+  return 3, ((1, 2) if n // BLOCK % 2 == 0 else (1, 1))
+
+
 def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_dtype, backend: str,
-                     stages: int = 4) -> jax.Array:
+                     stages: int = 4, wgs: int | None = None, cluster: tuple[int, int] | None = None) -> jax.Array:
   """(M, N) out_dtype: the block-FP8 product of `a` (M, K) with scales `sa` (M, K / 128) and K-major `b` (N, K)
   with scales `sb` (N / 128, K / 128), K and N multiples of 128. `backend`: "mosaic" (Hopper) or
-  "mosaic_interpret" (the Mosaic GPU interpreter, any device)."""
-  m, k = a.shape
-  n = b.shape[0]
-  m_tiles, n_tiles, steps = -(-m // BLOCK), n // BLOCK, k // BLOCK
+  "mosaic_interpret" (the Mosaic GPU interpreter, any device). Tiles of 64 `wgs` rows (one compute warpgroup per
+  64), `stages` K blocks in flight (fewer where shared memory runs out); `cluster` (rows, columns) of tiles per
+  thread-block cluster, 1 or 2 each, N / 128 a multiple of the second; either left None takes
+  `default_config`'s."""
+  (m, k), n = a.shape, b.shape[0]
+  default_wgs, default_cluster = default_config(m, n, backend)
+  wgs, cluster = default_wgs if wgs is None else wgs, default_cluster if cluster is None else cluster
+  cm, cn = cluster
+  tile_m = wgs * _WG_ROWS
+  m_tiles, n_tiles, steps = -(-m // (tile_m * cm)) * cm, n // BLOCK, k // BLOCK
+  if wgs not in (2, 3):
+    raise ValueError(f"fp8_block_matmul: wgs={wgs} must be 2 or 3 (with four, a thread has 118 registers for two "
+                     "64-register float32 tiles).")
+  if cm not in (1, 2) or cn not in (1, 2) or n_tiles % cn:
+    raise ValueError(f"fp8_block_matmul: cluster={cluster} must be 1 or 2 tiles each way, dividing N / 128 = "
+                     f"{n_tiles} by the second.")
+  out_bytes = tile_m * BLOCK * jnp.dtype(out_dtype).itemsize
+  stages = min(stages, (_SMEM - out_bytes) // ((tile_m + BLOCK) * (BLOCK + 4) + 4 * _SB_BOX))
   a = _backend.tma_rows(a)
   sat = jnp.pad(sa.astype(jnp.float32).T, ((0, 0), (0, -m % 4)))
   sb = jnp.pad(sb.astype(jnp.float32)[:, :, None], ((0, 0), (0, 0), (0, _SB_BOX - 1))).reshape(n_tiles, -1)
-  kernel = functools.partial(_kernel, steps=steps, stages=stages, m_tiles=m_tiles, n_tiles=n_tiles,
-                             backend=backend)
-  out = _backend.call(kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((m_tiles * BLOCK, n), out_dtype),
-                      grid=(m_tiles * n_tiles,), in_specs=None, out_specs=None, threads=3)(a, sat, b, sb)
+  kernel = functools.partial(_kernel, steps=steps, stages=stages, wgs=wgs, cluster=cluster, m_tiles=m_tiles,
+                             n_tiles=n_tiles, backend=backend)
+  out = _backend.call(kernel, backend=backend, out_shape=jax.ShapeDtypeStruct((m_tiles * tile_m, n), out_dtype),
+                      grid=(m_tiles * n_tiles // (cm * cn),), in_specs=None, out_specs=None, threads=wgs + 1,
+                      cluster=dict(cm=cm, cn=cn))(a, sat, b, sb)
   return out[:m]

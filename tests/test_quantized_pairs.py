@@ -172,19 +172,35 @@ def test_block_fp8_kernel_matches_the_ocp_dot(k_major, shape):
   np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(y.astype(jnp.bfloat16), np.float32))
 
 
-@pytest.mark.parametrize("m, k, n", [(5, 256, 128), (130, 256, 100), (128, 640, 128)])
-def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n):
+def test_block_fp8_mosaic_default_config():
+  """Three warpgroups with column pairs sharing the activation tile from 2048 rows (where measured), two below;
+  the interpreter always gets a configuration it runs."""
+  from pallas_kernels.fp8_block_matmul_mosaic import default_config
+  assert default_config(2048, 8192) == (3, (1, 2))
+  assert default_config(8192, 8320) == (3, (1, 1))  # 65 column tiles: no pairs
+  assert default_config(2047, 8192) == (2, (1, 1))
+  assert default_config(8192, 8192, "mosaic_interpret") == (2, (1, 1))
+
+
+@pytest.mark.parametrize("m, k, n, wgs, cluster", [
+    (5, 256, 128, 2, (1, 1)), (130, 256, 100, 2, (1, 1)), (128, 640, 128, 2, (1, 1)), (200, 640, 128, 3, (1, 1)),
+    (5, 256, 256, 2, (2, 2)), (300, 1024, 256, 3, (2, 1)), (130, 640, 256, 3, (1, 2))])
+def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
   """The Mosaic GPU block-FP8 kernel (K-major weights): on Hopper the kernel itself, whose FP8 MMAs accumulate a
   block in the tensor cores' format; elsewhere the Mosaic GPU interpreter (float32 sums). Ragged M (a row tile
-  overhangs the array, and M < 8 reads past it), N padded to whole tiles, K over more blocks than pipeline stages;
-  float32 and bfloat16 outputs."""
+  overhangs the array, and M < 8 reads past it), N padded to whole tiles, K over more blocks than stages, two and
+  three compute warpgroups and clusters of tiles sharing operands by multicast (these two on Hopper only: the
+  interpreter runs no cluster barriers, and hung with four warpgroups here); float32 and bfloat16 outputs."""
+  from pallas_kernels import fp8_block_matmul_mosaic
   from pallas_kernels.backend import hopper_available
-  from pallas_kernels.fp8_block_matmul import fp8_block_matmul
   mosaic = "mosaic" if hopper_available() else "mosaic_interpret"
+  if (cluster != (1, 1) or wgs > 2) and mosaic == "mosaic_interpret":
+    pytest.skip("Hopper only: the Mosaic GPU interpreter runs no cluster barriers and hung with four warpgroups")
   x, w = operands(m, k, n, seed=7)
   qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
-  call = lambda dtype: fp8_block_matmul(qa.data, qa.scale, qw.data, qw.scale, n=n, k_major=True, out_dtype=dtype,
-                                        backend=mosaic)
+  call = lambda dtype: fp8_block_matmul_mosaic.fp8_block_matmul(
+      qa.data, qa.scale, qw.data, qw.scale, out_dtype=dtype, backend=mosaic, stages=2, wgs=wgs,
+      cluster=cluster)[:, :n]
   y = np.asarray(call(jnp.float32), np.float64)
   a = np.asarray(lb.dequantize(qa, jnp.float32), np.float64)
   wd = np.asarray(lb.dequantize(qw, jnp.float32), np.float64).T
