@@ -111,8 +111,8 @@ def default_config(m: int, n: int, backend: str = "mosaic") -> tuple[int, tuple[
   """(warpgroups, cluster) from the sweep in BENCHMARKS.md (H100, M = 2048 and 8192): from 2048 rows, tiles of
   192 rows on three warpgroups (a sixth less L2 traffic per product than 128 rows) in pairs of column tiles that
   share the activation tile by multicast; below, 128-row tiles (fewer rows computed in vain on a ragged M). The
-  interpreter takes two warpgroups and no cluster: it runs no cluster barriers, and with four warpgroups it hung
-  on a 2-core machine (JAX 0.10)."""
+  interpreter takes two warpgroups and no cluster: it runs no cluster barriers, and a kernel of four warpgroups
+  hung in it on a process with one or two host devices (JAX 0.10)."""
   if m < 2048 or backend == "mosaic_interpret":
     return 2, (1, 1)
   return 3, ((1, 2) if n // BLOCK % 2 == 0 else (1, 1))

@@ -1,7 +1,9 @@
 import os
 
-# Two host devices so sharding tests run on a CPU-only machine; must be set before JAX initialises its backend.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Host devices so sharding tests run on a CPU-only machine; must be set before JAX initialises its backend. Four,
+# not two: the Mosaic GPU interpreter's warpgroups block each other in host callbacks, and a kernel of four
+# warpgroups hung with one or two host devices (JAX 0.10, 2 cores) and ran with four.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import pallas_kernels.backend  # noqa: E402  (after XLA_FLAGS)
 
