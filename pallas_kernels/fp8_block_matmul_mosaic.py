@@ -108,7 +108,7 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
 
 
 def default_config(m: int, n: int, backend: str = "mosaic") -> tuple[int, tuple[int, int]]:
-  """(warpgroups, cluster) from the sweep in BENCHMARKS.md (H100, M = 2048 and 8192): from 2048 rows, tiles of
+  """(warpgroups, cluster) from the sweep in BENCHMARKS.md (H100, M = 1024, 2048 and 8192): from 2048 rows, tiles of
   192 rows on three warpgroups (a sixth less L2 traffic per product than 128 rows) in pairs of column tiles that
   share the activation tile by multicast; below, 128-row tiles (fewer rows computed in vain on a ragged M). The
   interpreter takes two warpgroups and no cluster: it runs no cluster barriers, and a kernel of four warpgroups
@@ -131,6 +131,7 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
   wgs, cluster = default_wgs if wgs is None else wgs, default_cluster if cluster is None else cluster
   cm, cn = cluster
   tile_m = wgs * _WG_ROWS
+  # (with 2-row clusters an odd row tile count gets one more tile, of zeros read past the array, rows dropped)
   m_tiles, n_tiles, steps = -(-m // (tile_m * cm)) * cm, n // BLOCK, k // BLOCK
   if wgs not in (2, 3):
     raise ValueError(f"fp8_block_matmul: wgs={wgs} must be 2 or 3 (with four, a thread has 118 registers for two "
