@@ -79,10 +79,10 @@ def _mosaic_call(kernel, backend, params, out_shape, grid, threads, cluster) -> 
     # (kernels use such rows only for results they drop).
     interpret = InterpretGPUParams(out_of_bounds_reads="uninitialized")
   cluster = {name: size for name, size in (cluster or {}).items() if size > 1}
-  threads = dict(num_threads=threads, thread_name="wg") if threads > 1 else {}
+  warpgroups = dict(num_threads=threads, thread_name="wg") if threads > 1 else {}
   launch = functools.partial(plgpu.kernel, kernel, grid=grid, grid_names=_GRID_NAMES[:len(grid)],
                              cluster=tuple(cluster.values()), cluster_names=tuple(cluster), compiler_params=params,
-                             interpret=interpret, **threads)
+                             interpret=interpret, **warpgroups)
   if not POISON or interpret is not None:
     return launch(out_type=out_shape)
 
