@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "byte_bits", "call", "div_by", "div_rn", "dot", "gpu_available", "hopper_available", "in_bounds",
-           "jax_triton_available", "load", "on_gpu", "program_id", "store", "tile_mask", "tma_rows", "triton_call"]
+__all__ = ["BACKENDS", "HOPPER_SMEM", "byte_bits", "call", "div_by", "div_rn", "dot", "gpu_available",
+           "hopper_available", "in_bounds", "jax_triton_available", "load", "on_gpu", "program_id", "store",
+           "tile_mask", "tma_rows", "triton_call"]
 
 BACKENDS = ("triton", "interpret", "mosaic", "mosaic_interpret")
+HOPPER_SMEM = 227 * 1024  # bytes of shared memory one thread block may take on Hopper (the Mosaic GPU kernels)
 
 # Tests set this: every output buffer then starts as NaN (floats) or all-ones bits (integers) and is aliased into
 # the kernel, so an element a kernel never writes shows up instead of passing as whatever memory held.

@@ -47,7 +47,6 @@ __all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config
 
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
-_SMEM = 227 * 1024  # shared memory per block on Hopper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +93,7 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   while n // _BN * -(-m // r) * split < want and split < 16 and k % (_TK * groups * split * 2) == 0:
     split *= 2
   stages = 4
-  while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _SMEM:
+  while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _backend.HOPPER_SMEM:
     stages -= 1
   return Config(split=split, groups=groups, stages=stages, tiles=1, wgs=wgs)
 
@@ -402,9 +401,9 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   if k % (_TK * cfg.groups * cfg.split) or n % bn or cfg.wgs > 1 and cfg.tiles > 1:
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
                      f"{bn} rows per program; one tile per warpgroup with wgs > 1).")
-  if smem_bytes(cfg, m, bits, block) > _SMEM:
+  if smem_bytes(cfg, m, bits, block) > _backend.HOPPER_SMEM:
     raise ValueError(f"dequant_gemv: {cfg} at M = {m} takes {smem_bytes(cfg, m, bits, block)} bytes of shared "
-                     f"memory (at most {_SMEM}): fewer stages, groups or tiles.")
+                     f"memory (at most {_backend.HOPPER_SMEM}): fewer stages, groups or tiles.")
   # x is the wgmma B operand, transposed: activation_rows(M) rows per tile (wgmma's N is a multiple of 8), those past
   # M read beyond the array (TMA fills zeros), each feeding only an output row that is dropped.
   xp = _backend.tma_rows(x)

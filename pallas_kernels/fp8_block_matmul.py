@@ -7,7 +7,7 @@ QArrays store them); `n` is the logical N of the output.
 
 Implementations of the same blocking, in which each 128-deep block is one run of FP8 MMAs with the tensor cores'
 own accumulation, promoted to a float32 accumulator with its two scales: `mosaic`, a Pallas Mosaic GPU kernel for
-Hopper (fp8_block_matmul_mosaic.py: warp-specialized, one warpgroup's promotion overlapping the other's MMAs;
+Hopper (fp8_block_matmul_mosaic.py: warp-specialized, each warpgroup's promotion overlapping the others' MMAs;
 `mosaic_interpret` runs it in the Mosaic GPU interpreter on any device); `jax_triton`, a Triton kernel
 (fp8_block_matmul_triton.py; it needs Triton's default FP8 accumulation, which Pallas's Triton lowering does not
 expose: REFERENCE section 5); and `interpret`, the XLA twin for any device, which forms each block's partial

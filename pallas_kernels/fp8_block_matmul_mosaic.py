@@ -36,7 +36,7 @@ __all__ = ["BLOCK", "default_config", "fp8_block_matmul"]
 BLOCK = 128  # K per scale block, output columns per program
 _WG_ROWS = 64  # the wgmma M
 _SB_BOX = 32  # float32 values per TMA box of weight scales: 128 bytes
-_SMEM = 232448 - 1024  # bytes of shared memory a Hopper block may take, less room for the pipeline's barriers
+_BARRIER_SMEM = 1024  # shared memory left to the pipeline's barriers when choosing stages
 _GROUP = 8  # row tiles launched together over each column tile (they share its weights in L2)
 
 
@@ -139,8 +139,8 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
   if cm not in (1, 2) or cn not in (1, 2) or n_tiles % cn:
     raise ValueError(f"fp8_block_matmul: cluster={cluster} must be 1 or 2 tiles each way, dividing N / 128 = "
                      f"{n_tiles} by the second.")
-  out_bytes = tile_m * BLOCK * jnp.dtype(out_dtype).itemsize
-  stages = min(stages, (_SMEM - out_bytes) // ((tile_m + BLOCK) * (BLOCK + 4) + 4 * _SB_BOX))
+  free = _backend.HOPPER_SMEM - _BARRIER_SMEM - tile_m * BLOCK * jnp.dtype(out_dtype).itemsize  # less the output
+  stages = min(stages, free // ((tile_m + BLOCK) * (BLOCK + 4) + 4 * _SB_BOX))  # a stage: tiles, scale rows
   a = _backend.tma_rows(a)
   sat = jnp.pad(sa.astype(jnp.float32).T, ((0, 0), (0, -m % 4)))
   sb = jnp.pad(sb.astype(jnp.float32)[:, :, None], ((0, 0), (0, 0), (0, _SB_BOX - 1))).reshape(n_tiles, -1)

@@ -63,10 +63,11 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
 
 
 def test_default_configs_fit_shared_memory():
-  from pallas_kernels.dequant_gemv_mosaic import _SMEM, default_config, smem_bytes
+  from pallas_kernels.backend import HOPPER_SMEM
+  from pallas_kernels.dequant_gemv_mosaic import default_config, smem_bytes
   for n, k, m, bits in itertools.product([64, 192, 1024, 28672], [256, 2048, 28672], [1, 9, 33, 100, 200, 256], [4, 8]):
     cfg = default_config(n, k, m, bits)
-    assert smem_bytes(cfg, m, bits, 16) <= _SMEM, (n, k, m, bits, cfg)
+    assert smem_bytes(cfg, m, bits, 16) <= HOPPER_SMEM, (n, k, m, bits, cfg)
 
 
 @pytest.mark.parametrize("fmt,m,n", [("int4_g128_sym", 256, 128), ("mxfp4", 100, 128), ("int8_channel_sym", 128, 128),
