@@ -36,9 +36,11 @@ def quantized(x, w, fa, fw):
   return lb.quantize(x, fa, axis=1), lb.quantize(w, fw, axis=1 if fw.endswith("128x128") else 0)
 
 
-def ocp_dot(qa, qw):
+def ocp_dot(qa, qw, k_major=False):
+  """(the float64 product of the dequantized operands, that of their magnitudes); `k_major`: qw is (N, K)."""
   a = np.asarray(lb.dequantize(qa, jnp.float32), np.float64)
   b = np.asarray(lb.dequantize(qw, jnp.float32), np.float64)
+  b = b.T if k_major else b
   return a @ b, np.abs(a) @ np.abs(b)
 
 
@@ -161,10 +163,7 @@ def test_block_fp8_kernel_matches_the_ocp_dot(k_major, shape):
   qw, dn = ((lb.quantize(w.T, "fp8_block_128x128"), (((2,), (1,)), ((), ()))) if k_major
             else (lb.quantize(w, "fp8_block_128x128"), (((2,), (0,)), ((), ()))))
   y = lb.dot_general(qa, qw, dn, preferred_element_type=jnp.float32, backend=FP8_KERNEL)
-  a = np.asarray(lb.dequantize(qa, jnp.float32), np.float64).reshape(b * m, k)
-  wd = np.asarray(lb.dequantize(qw, jnp.float32), np.float64)
-  wd = wd.T if k_major else wd
-  ref, mag = a @ wd, np.abs(a) @ np.abs(wd)
+  ref, mag = (v.reshape(b * m, n) for v in ocp_dot(qa, qw, k_major))
   tol = 2.0 ** -10 if FP8_KERNEL == "jax_triton" else k * 2.0 ** -23
   assert y.shape == (b, m, n)
   np.testing.assert_array_less(np.abs(np.asarray(y, np.float64).reshape(b * m, n) - ref), tol * mag + 1e-30)
@@ -202,9 +201,7 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
       qa.data, qa.scale, qw.data, qw.scale, out_dtype=dtype, backend=mosaic, stages=2, wgs=wgs,
       cluster=cluster)[:, :n]
   y = np.asarray(call(jnp.float32), np.float64)
-  a = np.asarray(lb.dequantize(qa, jnp.float32), np.float64)
-  wd = np.asarray(lb.dequantize(qw, jnp.float32), np.float64).T
-  ref, mag = a @ wd, np.abs(a) @ np.abs(wd)
+  ref, mag = ocp_dot(qa, qw, k_major=True)
   tol = 2.0 ** -10 if mosaic == "mosaic" else k * 2.0 ** -23
   assert y.shape == (m, n)
   np.testing.assert_array_less(np.abs(y - ref), tol * mag + 1e-30)
