@@ -147,20 +147,22 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
 def div_any(a: jax.Array, b: jax.Array) -> jax.Array:
   """`div` for operands of any magnitude, for per-block arrays (it branches on the whole array).
 
-  Operands below 2^-60 are divided as a * 2^-ea / (b * 2^-eb), both in [1, 2), and the quotient scaled back, all
-  on the bits, so the residual and half-ulp bounds of `div` stay normal (XLA's CPU backend flushes subnormal
-  intermediates). A quotient that ends subnormal is rounded twice (no format stores one).
+  Finite nonzero operands outside [2^-60, 2^60] are divided as a * 2^-ea / (b * 2^-eb), both in [1, 2), and the
+  quotient scaled back, all on the bits, so the residual and half-ulp bounds of `div` stay normal (XLA's CPU
+  backend flushes subnormal intermediates) and the quotient inside the range `div` corrects. A quotient that ends
+  subnormal is rounded twice (no format stores one).
   """
   a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
 
+  def far(v):
+    m = jnp.abs(v)
+    return ((m < 2.0 ** -60) | (m >= 2.0 ** 60)) & (m > 0) & jnp.isfinite(m)
+
   def normalised(a, b):
-    def exponent(v):
-      return jnp.where((jnp.abs(v) < 2.0 ** -60) & (v != 0), floor_log2(jnp.abs(v)), 0)
-    ea, eb = exponent(a), exponent(b)
+    ea, eb = (jnp.where(far(v), floor_log2(jnp.abs(v)), 0) for v in (a, b))
     return ldexp(_div(ldexp(a, -ea), ldexp(b, -eb)), ea - eb)
 
-  tiny = jnp.any(((jnp.abs(a) < 2.0 ** -60) & (a != 0)) | (jnp.abs(b) < 2.0 ** -60))
-  return lax.cond(tiny, normalised, _div, a, b)
+  return lax.cond(jnp.any(far(a) | far(b) | (b == 0)), normalised, _div, a, b)
 
 
 def _div(a, b):

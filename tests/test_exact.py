@@ -646,3 +646,28 @@ def test_dense_int_layout(fmt, pattern, packed):
     assert np.array_equal(take(np.asarray(q.data)), expect), f"{fmt} axis {axis}: {_hex(np.asarray(q.data))}"
     assert np.array_equal(take(ref_quantize(x, fmt, axis=axis)["data"]), expect), "reference layout"
     assert np.array_equal(np.asarray(q.dequantize()), x)
+
+
+@pytest.mark.parametrize("c", [None, 6.0, 127.0, 448.0])
+def test_division_is_correctly_rounded_at_every_magnitude(c):
+  """`elements.div_any`, the division behind every scale of the XLA path, against numpy's correctly rounded float32
+  quotient (float64 division rounded once more: 53 >= 2 * 24 + 2 bits), by divisors of every magnitude (None) or
+  by a constant (XLA's CPU backend multiplies by its reciprocal, an ulp off, so `div` must correct it): random
+  numerators of every magnitude whose quotient is normal, and numerators at k/2 * 2^e times the divisor nudged
+  by up to 3 ulps, quotients from 2^-100 to 2^120 next to ties of coarser grids (amax / 6 of values near
+  float32's largest gives quotients above 2^100)."""
+  from lowbit_jax import elements
+  rng = np.random.default_rng(13)
+  n = 8192
+  a = (rng.standard_normal(n) * np.exp2(rng.uniform(-120, 127, n))).astype(np.float32)
+  b = (np.abs(rng.standard_normal(n)) * np.exp2(rng.uniform(-120, 120, n))).astype(np.float32)
+  if c is not None:
+    b[:] = c
+  h = n // 2
+  near = (rng.integers(1, 2 ** 20, h) / 2 * np.exp2(rng.integers(-100, 100, h)) * b[:h]).astype(np.float32)
+  a[:h] = (near.view(np.int32) + rng.integers(-3, 4, h).astype(np.int32)).view(np.float32)
+  want = (a.astype(np.float64) / b.astype(np.float64)).astype(np.float32)
+  keep = np.isfinite(a) & np.isfinite(want) & (np.abs(want) >= 2.0 ** -126)
+  a, b, want = a[keep], b[keep], want[keep]
+  got = jax.jit(elements.div_any)(a, b) if c is None else jax.jit(lambda a: elements.div_any(a, c))(a)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
