@@ -183,6 +183,15 @@ def div_rn(a, b, *, backend: str):
   return _asm("div.rn.f32 $0, $1, $2;", a, b)
 
 
+def rcp_rn(b, *, backend: str):
+  """In-kernel 1 / b for float32, correctly rounded (PTX `rcp.rn.f32`: one reciprocal and its fix-up, where a
+  division would also scale a numerator)."""
+  if backend == "interpret":
+    from lowbit_jax import elements
+    return elements.div_any(jnp.float32(1.0), b)
+  return _asm("rcp.rn.f32 $0, $1;", b)
+
+
 def _asm(code: str, *args):
   from jax.experimental.pallas import triton as pltriton
   args = jnp.broadcast_arrays(*(jnp.asarray(a, jnp.float32) for a in args))

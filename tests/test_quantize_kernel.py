@@ -7,10 +7,12 @@ programs in both directions and a ragged last row tile.
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 import lowbit_jax as lb
+from lowbit_jax.formats import ELEMENTS
 from pallas_kernels import quantize as qk
 from test_exact import canon_bits, nvfp4_tie_blocks
 
@@ -36,6 +38,12 @@ def _inputs(dtype, rows=20, cols=256, seed=0):
   return jnp.asarray(x.reshape(rows, cols)).astype(dtype)
 
 
+def xla_quantize(x, fmt, **kw):
+  """`lb.quantize` computed on the CPU, where it is the XLA computation (on a GPU it would run these kernels), and
+  put back on the default device."""
+  return jax.device_put(lb.quantize(jax.device_put(x, jax.devices("cpu")[0]), fmt, **kw), jax.devices()[0])
+
+
 def xla_dequantize(q, dtype):
   """`lb.dequantize` on the CPU, where it is the XLA computation (on a GPU it would run these kernels). NaN payloads
   differ between backends, so results are compared through `canon_bits`."""
@@ -52,7 +60,7 @@ def _bits(a):
 def test_quantize_matches_xla(fmt, mode):
   x = _inputs(jnp.float32 if mode != "floor" else jnp.bfloat16)
   data, scale = qk.quantize_rows(x, fmt, scale_mode=mode, backend=BACKEND, **TILES)
-  ref = lb.quantize(x, fmt, scale_mode=mode)
+  ref = xla_quantize(x, fmt, scale_mode=mode)
   assert data.dtype == ref.data.dtype and scale.dtype == ref.scale.dtype
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
   np.testing.assert_array_equal(_bits(data), _bits(ref.data))
@@ -80,10 +88,12 @@ def test_rejects_unsupported():
 NVFP4_NOSCALE = lb.Format("nvfp4_b32_no_g", "float4_e2m1fn", (32,), "float8_e4m3fn")
 
 
-@pytest.mark.parametrize("g", [None, 1.0, 0.3, 2.0 ** -20, 1.7e-3, 2.0 ** -60, 2.0 ** -100])
+@pytest.mark.parametrize("g", [None, 1.0, 0.3, 2.0 ** -20, 1.7e-3, 2.0 ** -60, 2.0 ** -100, 2.0 ** -90,
+                               0.75 * 2.0 ** -90, 2.0 ** 100, 1.5 * 2.0 ** 100])
 def test_nvfp4_matches_xla(g):
   """Given and computed tensor scales; E4M3 and E2M1 rounding ties; scales that round to zero or clamp at 448;
-  quotients beyond float32 (g = 2^-60 with elements of 1e30 saturate); g below 2^-80 (the rescaling kernel)."""
+  quotients beyond float32 (g = 2^-60 with elements of 1e30 saturate); tensor scales at both ends of the range
+  the kernel divides in without rescaling, and just outside it (the rescaling branch)."""
   x = np.array(_inputs(jnp.float32, rows=40, cols=256, seed=2))
   gg = np.float32(g) if g is not None else np.float32(np.max(np.abs(x[np.isfinite(x)]))) / np.float32(2688)
   tb = nvfp4_tie_blocks(gg)
@@ -91,7 +101,7 @@ def test_nvfp4_matches_xla(g):
   x[5, :16] = 1e-30  # s rounds to zero unless g is tiny
   x[6, :32] = np.linspace(-1e30, 1e30, 32)
   x = jnp.asarray(x)
-  ref = lb.quantize(x, "nvfp4", tensor_scale=g)
+  ref = xla_quantize(x, "nvfp4", tensor_scale=g)
   data, scale = qk.quantize_rows(x, "nvfp4", ref.tensor_scale, backend=BACKEND, **TILES)
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
   np.testing.assert_array_equal(_bits(data), _bits(ref.data))
@@ -102,7 +112,7 @@ def test_nvfp4_matches_xla(g):
 
 def test_nvfp4_rule_without_tensor_scale():
   x = _inputs(jnp.bfloat16, seed=3)
-  ref = lb.quantize(x, NVFP4_NOSCALE)
+  ref = xla_quantize(x, NVFP4_NOSCALE)
   data, scale = qk.quantize_rows(x, NVFP4_NOSCALE, backend=BACKEND, **TILES)
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
   np.testing.assert_array_equal(_bits(data), _bits(ref.data))
@@ -111,13 +121,13 @@ def test_nvfp4_rule_without_tensor_scale():
 
 
 def _quotients(x, d):
-  """In a kernel: (x / d by a per-block reciprocal and `div_by`, x / d by `div_rn`)."""
+  """In a kernel: (x / d by a per-block reciprocal (`rcp_rn`) and `div_by`, x / d by `div_rn`)."""
   from jax.experimental import pallas as pl
   from pallas_kernels import backend as kb
 
   def kernel(x_ref, d_ref, q_ref, e_ref):
     x, d = x_ref[...], d_ref[...]
-    q_ref[...] = kb.div_by(x, d, kb.div_rn(1.0, d, backend=BACKEND), backend=BACKEND)
+    q_ref[...] = kb.div_by(x, d, kb.rcp_rn(d, backend=BACKEND), backend=BACKEND)
     e_ref[...] = kb.div_rn(x, d, backend=BACKEND)
 
   rows, cols = x.shape
@@ -206,3 +216,27 @@ def test_dequantize_cols_rejects():
     qk.dequantize_cols(q.data[:8], q.scale, "mxfp4", backend=BACKEND)
   with pytest.raises(ValueError, match="zero points"):
     qk.dequantize_cols(q.data, q.scale.astype(jnp.bfloat16), "int4_g32_asym", backend=BACKEND)
+
+
+@pytest.mark.parametrize("element", ["float4_e2m1fn", "float6_e2m3fn", "float8_e4m3fn", "float8_e5m2"])
+def test_element_codes_match_ml_dtypes(element):
+  """The kernels' element encoder against ml_dtypes' round-to-nearest-even cast of the value clipped to the
+  largest element: every grid value and midpoint within 4 float32 ulps either side, both signs, values past
+  the largest element, float32 subnormals, random values of many magnitudes; NaN saturates, keeping its sign."""
+  el = ELEMENTS[element]
+  ml = np.dtype(getattr(ml_dtypes, element))
+  grid = np.arange(2 ** (el.bits - 1), dtype=np.uint8).view(ml).astype(np.float32)
+  grid = grid[np.isfinite(grid)]
+  base = np.concatenate([grid, (grid[1:] + grid[:-1]) / 2, np.float32([1.5, 4, 1e30]) * el.max, [2.0 ** -140]])
+  near = (base.astype(np.float32).view(np.int32)[:, None] + np.arange(-4, 5)).ravel()
+  rng = np.random.default_rng(7)
+  rand = rng.standard_normal(20000).astype(np.float32) * np.exp2(rng.uniform(-30, 10, 20000)).astype(np.float32)
+  y = np.concatenate([near[near >= 0].view(np.float32), rand, [0.0]]).astype(np.float32)
+  y = np.concatenate([y, -y])
+  want = np.copysign(np.minimum(np.abs(y), np.float32(el.max)), y).astype(ml).view(np.uint8)
+  got = np.asarray(qk._float_codes(jnp.asarray(y), el))
+  np.testing.assert_array_equal(got, want.astype(np.int32))
+  top = int(np.float32(el.max).astype(ml).view(np.uint8))
+  nan = np.float32([np.nan, np.copysign(np.nan, -1)])
+  np.testing.assert_array_equal(np.asarray(qk._float_codes(jnp.asarray(nan), el)), [top, top | 1 << el.bits - 1])
+
