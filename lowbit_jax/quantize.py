@@ -172,7 +172,7 @@ def _quantize_fused(x, fmt: Format, scale_mode: str, tensor_scale) -> QArray:
   g = None
   if fmt.tensor_scale:  # a computed g needs the whole array's amax first: one more read of x
     g = _tensor_scale_jit(x, fmt.element_type) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
-  data, scale = quantize_rows(x.reshape(-1, c), fmt, g, scale_mode=scale_mode)
+  data, scale, g = quantize_rows(x.reshape(-1, c), fmt, g, scale_mode=scale_mode)
   return QArray(data.reshape(lead + data.shape[-1:]), scale.reshape(lead + scale.shape[-1:]), g, None,
                 format=fmt, axis=-1, lengths=(c,), dtype=x.dtype)
 

@@ -183,6 +183,14 @@ def div_rn(a, b, *, backend: str):
   return _asm("div.rn.f32 $0, $1, $2;", a, b)
 
 
+def fma(a, b, c, *, backend: str):
+  """In-kernel a * b + c, one rounding on the Triton backend (PTX `fma.rn.f32`: Triton left such sums as a multiply
+  and an add); the interpreter rounds twice, so callers pass products a * b that are exact (b a power of two)."""
+  if backend == "interpret":
+    return a * b + c
+  return _asm("fma.rn.f32 $0, $1, $2, $3;", a, b, c)
+
+
 def rcp_rn(b, *, backend: str):
   """In-kernel 1 / b for float32, correctly rounded (PTX `rcp.rn.f32`: one reciprocal and its fix-up, where a
   division would also scale a numerator)."""

@@ -125,7 +125,7 @@ _CODE_BIAS = 150 << 23
 _WORD_BIAS = (_CODE_BIAS * 0x11111111 + 2 ** 31) % 2 ** 32 - 2 ** 31
 
 
-def _float_codes(y, el: ElementType, sign=None, biased: bool = False):
+def _float_codes(y, el: ElementType, sign=None, biased: bool = False, backend: str = "interpret"):
   """`elements.encode(elements.round_to_grid(y, el), el)` in one pass, as int32; the sign bit is that of `sign`
   (default y). `biased`: elements of up to three binades keep `_CODE_BIAS` added (`_pack_nibbles` removes it once
   per word instead of once per element).
@@ -144,7 +144,8 @@ def _float_codes(y, el: ElementType, sign=None, biased: bool = False):
   if emax - emin <= 2:
     a = jnp.abs(y)
     a = jnp.where(a < el.max, a, el.max)  # NaN (an overflowed quotient in div_by) saturates too
-    lines = [a * 2.0 ** (m - e) + float((e - emin) * 2 ** m + 2 ** 23) for e in range(emin, emax + 1)]
+    lines = [_backend.fma(a, 2.0 ** (m - e), float((e - emin) * 2 ** m + 2 ** 23), backend=backend)
+             for e in range(emin, emax + 1)]
     code = _i32(functools.reduce(jnp.minimum, lines)) - (0 if biased else _CODE_BIAS)
   else:
     mag = bits & 0x7FFFFFFF
@@ -158,7 +159,7 @@ def _float_codes(y, el: ElementType, sign=None, biased: bool = False):
   return code | (lax.shift_right_logical(sbits, 31) << (el.bits - 1))
 
 
-def _mx_blocks(x, amax, el: ElementType, mode: str):
+def _mx_blocks(x, amax, el: ElementType, mode: str, backend: str):
   """(element codes, E8M0 scale bits, which blocks have codes) of MX blocks x (rows, blocks, B), amax the bits of
   each block's largest magnitude (rows, blocks, 1)."""
   finite = amax < 0x7F800000
@@ -167,7 +168,7 @@ def _mx_blocks(x, amax, el: ElementType, mode: str):
   y = elements.ldexp_fast(x, -e)
   ok = finite & (amax > 0)
   if el.kind == "float":
-    return _float_codes(y, el, biased=el.bits == 4), sbits, ok
+    return _float_codes(y, el, biased=el.bits == 4, backend=backend), sbits, ok
   # MXINT8: round(y * 2^6) saturated at 127, as round_to_grid then fixed point to integer codes
   n = jnp.minimum(elements.round_half_even(jnp.abs(y) * 2.0 ** el.mantissa), el.int_max)
   return jnp.where(y < 0, -n, n).astype(jnp.int8), sbits, ok
@@ -193,7 +194,7 @@ def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
   scode, sf = lax.bitcast_convert_type(s8, jnp.uint8).astype(jnp.int32), s8.astype(jnp.float32)
   ok = finite & (sf > 0)
   y = _quotients(x, jnp.where(ok, sf * g, 1.0), backend)
-  return _float_codes(y, el, sign=x, biased=True), jnp.where(finite, scode, 0x7F), ok
+  return _float_codes(y, el, sign=x, biased=True, backend=backend), jnp.where(finite, scode, 0x7F), ok
 
 
 def _absmax_blocks(x, amax, el: ElementType, scale: str, backend: str):
@@ -213,7 +214,7 @@ def _absmax_blocks(x, amax, el: ElementType, scale: str, backend: str):
   ok = finite & (sf > 0)
   y = _quotients(x, jnp.where(ok, sf, 1.0), backend)
   if el.kind == "float":
-    codes = _float_codes(y, el, sign=x)
+    codes = _float_codes(y, el, sign=x, backend=backend)
   else:  # round(|y|) saturated at 127; the sign of x. NaN (an overflowed quotient) saturates too.
     a = jnp.abs(y)
     n = jnp.minimum(elements.round_half_even(jnp.where(a < 2.0 ** 22, a, 2.0 ** 22)), el.int_max)
@@ -233,7 +234,11 @@ def _pack_nibbles(codes, ok):
 
 
 def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
-  x_ref, *g_ref, d_ref, s_ref = refs
+  x_ref, *g_ref, d_ref, s_ref = refs[:4] if fmt.rule == "nvfp4" else refs[:3]
+  if fmt.tensor_scale:
+    def copy_g():
+      refs[-1][...] = g_ref[0][...]
+    pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0))(copy_g)
   br, ct = x_ref.shape
   el, block = fmt.element_type, (ct if fmt.block is None else fmt.block[0])
   nb = ct // block
@@ -243,7 +248,7 @@ def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
   # every finite one lie Inf and then NaN, so one max says both amax and whether the block is finite.
   amax = jnp.max(_i32(x) & 0x7FFFFFFF, axis=-1, keepdims=True)
   if fmt.rule == "mx":
-    codes, sbits, ok = _mx_blocks(x, amax, el, mode)
+    codes, sbits, ok = _mx_blocks(x, amax, el, mode, backend)
   elif fmt.rule == "nvfp4":
     codes, sbits, ok = _nvfp4_blocks(x, amax, g_ref[0][...].reshape(1, 1, 1), el, backend)
   else:
@@ -262,11 +267,13 @@ def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
 def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | None = None, *,
                   scale_mode: str = "floor", backend: str = "triton", block_rows: int | None = None,
                   block_cols: int = 1024,
-                  num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+                  num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Quantizes x (R, C) (bfloat16, float16 or float32) in blocks along the last axis.
 
-  Returns (data, scale) with the storage of `lowbit_jax.quantize(x, fmt, scale_mode=scale_mode,
-  tensor_scale=tensor_scale)` (module docstring), bit for bit outside the limits listed there. `fmt`: mxfp8_e4m3,
+  Returns (data, scale, tensor_scale) with the storage of `lowbit_jax.quantize(x, fmt, scale_mode=scale_mode,
+  tensor_scale=tensor_scale)` (module docstring), bit for bit outside the limits listed there; tensor_scale is
+  the given g as a float32 scalar written by the kernel (None for formats without one), so that a jitted call
+  returning it needs no copy of its input. `fmt`: mxfp8_e4m3,
   mxfp8_e5m2, mxfp4, mxint8, an NVFP4-rule format (E2M1 elements, E4M3 scales), which needs the float32
   `tensor_scale` g when it has one, per-row int8 (`int8_channel_sym`: one scale per row, for per-token
   activations) or 1 x 128 block FP8 (`fp8_block_1x128`). Tiles are (block_rows, C_tile) with C_tile the largest
@@ -291,21 +298,23 @@ def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | Non
   args, in_specs = _with_tensor_scale(fmt, tensor_scale, [x], [pl.BlockSpec((block_rows, ct), lambda i, j: (i, j))])
   # 4-bit data leaves the kernel as 32-bit words of 8 codes: (R, C / 8) uint32.
   per_word, data_dtype = (8, jnp.uint32) if el.bits == 4 else (1, jnp.int8 if el.kind == "int" else jnp.uint8)
+  out_shape = [jax.ShapeDtypeStruct((rows, cols // per_word), data_dtype),
+               jax.ShapeDtypeStruct((rows, cols // block), _SCALE_BITS[fmt.scale])]
+  out_specs = [pl.BlockSpec((block_rows, ct // per_word), lambda i, j: (i, j)),
+               pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))]
+  if fmt.tensor_scale:  # g leaves as an output of the kernel too (see `_quantize_kernel`)
+    out_shape.append(jax.ShapeDtypeStruct((1,), jnp.float32))
+    out_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
   kernel = functools.partial(_quantize_kernel, fmt=fmt, mode=scale_mode, rows=rows, backend=backend)
-  data, scale = _backend.call(
-      kernel, backend=backend,
-      out_shape=(jax.ShapeDtypeStruct((rows, cols // per_word), data_dtype),
-                 jax.ShapeDtypeStruct((rows, cols // block), _SCALE_BITS[fmt.scale])),
-      grid=(pl.cdiv(rows, block_rows), cols // ct),
-      in_specs=in_specs,
-      out_specs=(pl.BlockSpec((block_rows, ct // per_word), lambda i, j: (i, j)),
-                 pl.BlockSpec((block_rows, ct // block), lambda i, j: (i, j))),
-      num_warps=num_warps, num_stages=1, name=f"quantize_rows_{fmt.name}")(*args)
+  data, scale, *g = _backend.call(
+      kernel, backend=backend, out_shape=tuple(out_shape), grid=(pl.cdiv(rows, block_rows), cols // ct),
+      in_specs=in_specs, out_specs=tuple(out_specs), num_warps=num_warps, num_stages=1,
+      name=f"quantize_rows_{fmt.name}")(*args)
   if el.bits == 4:
     data = lax.bitcast_convert_type(data, jnp.uint8).reshape(rows, cols // 2)
   elif el.kind == "float":
     data = lax.bitcast_convert_type(data, el.storage_dtype)
-  return data, lax.bitcast_convert_type(scale, jnp.dtype(fmt.scale))
+  return data, lax.bitcast_convert_type(scale, jnp.dtype(fmt.scale)), (g[0].reshape(()) if g else None)
 
 
 def _values(c, fmt: Format):

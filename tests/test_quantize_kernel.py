@@ -59,7 +59,7 @@ def _bits(a):
 @pytest.mark.parametrize("mode", ("floor", "ceil", "even", "rceil"))
 def test_quantize_matches_xla(fmt, mode):
   x = _inputs(jnp.float32 if mode != "floor" else jnp.bfloat16)
-  data, scale = qk.quantize_rows(x, fmt, scale_mode=mode, backend=BACKEND, **TILES)
+  data, scale, _ = qk.quantize_rows(x, fmt, scale_mode=mode, backend=BACKEND, **TILES)
   ref = xla_quantize(x, fmt, scale_mode=mode)
   assert data.dtype == ref.data.dtype and scale.dtype == ref.scale.dtype
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
@@ -102,7 +102,7 @@ def test_nvfp4_matches_xla(g):
   x[6, :32] = np.linspace(-1e30, 1e30, 32)
   x = jnp.asarray(x)
   ref = xla_quantize(x, "nvfp4", tensor_scale=g)
-  data, scale = qk.quantize_rows(x, "nvfp4", ref.tensor_scale, backend=BACKEND, **TILES)
+  data, scale, _ = qk.quantize_rows(x, "nvfp4", ref.tensor_scale, backend=BACKEND, **TILES)
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
   np.testing.assert_array_equal(_bits(data), _bits(ref.data))
   for dtype in (jnp.float32, jnp.bfloat16):
@@ -113,7 +113,7 @@ def test_nvfp4_matches_xla(g):
 def test_nvfp4_rule_without_tensor_scale():
   x = _inputs(jnp.bfloat16, seed=3)
   ref = xla_quantize(x, NVFP4_NOSCALE)
-  data, scale = qk.quantize_rows(x, NVFP4_NOSCALE, backend=BACKEND, **TILES)
+  data, scale, _ = qk.quantize_rows(x, NVFP4_NOSCALE, backend=BACKEND, **TILES)
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
   np.testing.assert_array_equal(_bits(data), _bits(ref.data))
   out = qk.dequantize_rows(ref.data, ref.scale, NVFP4_NOSCALE, jnp.float32, backend=BACKEND, **TILES)
@@ -173,7 +173,7 @@ def test_absmax_rows_match_xla(fmt, dtype):
   x = jnp.asarray(x).astype(dtype)
   ref = lb.quantize(x, fmt)
   tiles = dict(block_rows=4, block_cols=128)
-  data, scale = qk.quantize_rows(x, fmt, backend=BACKEND, **tiles)
+  data, scale, _ = qk.quantize_rows(x, fmt, backend=BACKEND, **tiles)
   assert data.dtype == ref.data.dtype and scale.dtype == ref.scale.dtype and scale.shape == ref.scale.shape
   np.testing.assert_array_equal(_bits(scale), _bits(ref.scale))
   np.testing.assert_array_equal(_bits(data), _bits(ref.data))
