@@ -134,9 +134,10 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
   """a / b correctly rounded (IEEE round-to-nearest-even) in float32.
 
   XLA does not promise a correctly rounded division (its CPU backend rewrites division by a constant as a
-  multiplication by the reciprocal and is an ulp off in many quotients), and quantization must match the IEEE
-  quotient. So XLA's quotient is corrected once with an exact residual a - q*b: q and b are split on mantissa
-  bits into 12-bit halves whose four products are exact, and the subtractions cancel exactly (Sterbenz).
+  multiplication by the reciprocal and is an ulp off in many quotients; its GPU backend is up to 2 ulps off), and
+  quantization must match the IEEE quotient. So XLA's quotient is corrected, an ulp per step, with an exact
+  residual a - q*b: q and b are split on mantissa bits into 12-bit halves whose four products are exact, and the
+  subtractions cancel exactly (Sterbenz).
   On XLA's CPU backend that needs |a| and |b| above about 2^-60 (`div_any` lifts it, at a branch per call).
   """
   a = jnp.asarray(a, jnp.float32)
@@ -147,16 +148,16 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
 def div_any(a: jax.Array, b: jax.Array) -> jax.Array:
   """`div` for operands of any magnitude, for per-block arrays (it branches on the whole array).
 
-  Finite nonzero operands outside [2^-60, 2^60] are divided as a * 2^-ea / (b * 2^-eb), both in [1, 2), and the
+  Finite nonzero operands outside [2^-50, 2^50] are divided as a * 2^-ea / (b * 2^-eb), both in [1, 2), and the
   quotient scaled back, all on the bits, so the residual and half-ulp bounds of `div` stay normal (XLA's CPU
-  backend flushes subnormal intermediates) and the quotient inside the range `div` corrects. A quotient that ends
-  subnormal is rounded twice (no format stores one).
+  backend flushes subnormal intermediates) and every quotient lies in [2^-100, 2^100], the range `div` corrects.
+  A quotient that ends subnormal is rounded twice (no format stores one).
   """
   a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
 
   def far(v):
     m = jnp.abs(v)
-    return ((m < 2.0 ** -60) | (m >= 2.0 ** 60)) & (m > 0) & jnp.isfinite(m)
+    return ((m < 2.0 ** -50) | (m >= 2.0 ** 50)) & (m > 0) & jnp.isfinite(m)
 
   def normalised(a, b):
     ea, eb = (jnp.where(far(v), floor_log2(jnp.abs(v)), 0) for v in (a, b))
@@ -168,7 +169,19 @@ def div_any(a: jax.Array, b: jax.Array) -> jax.Array:
 def _div(a, b):
   q = a / b
   sign = jnp.sign(q)
-  aa, bb, qa = jnp.abs(a), jnp.abs(b), jnp.abs(q)
+  aa, bb = jnp.abs(a), jnp.abs(b)
+  # Only finite, normal, nonzero quotients need (and allow) the correction; a below 2^127 keeps q * b finite.
+  ok = jnp.isfinite(q) & (jnp.abs(q) >= 2.0 ** -100) & (jnp.abs(q) <= 2.0 ** 126) & (aa < 2.0 ** 127) & (bb > 0)
+  qa = jnp.where(ok, jnp.abs(q), 1.0)
+  # Two steps: XLA's GPU backend divides to within 2 ulps, and each step moves q by at most one.
+  for _ in range(2):
+    qa = _nearer(aa, bb, qa)
+  return jnp.where(ok, sign * qa, q)
+
+
+def _nearer(aa, bb, qa):
+  """qa moved one ulp towards aa / bb when the exact residual aa - qa * bb says it is more than half an ulp off
+  (or exactly half, towards the even neighbour); aa, bb, qa > 0."""
   qh, bh = _clear_low_mantissa(qa, 12), _clear_low_mantissa(bb, 12)
   ql, bl = qa - qh, bb - bh
   r = (((aa - qh * bh) - qh * bl) - ql * bh) - ql * bl  # aa - qa * bb, exactly
@@ -179,7 +192,4 @@ def _div(a, b):
   odd = (lax.bitcast_convert_type(qa, jnp.uint32) & 1) == 1
   up = (r > half_up) | ((r == half_up) & odd)
   down = (-r > half_down) | ((-r == half_down) & odd)
-  fixed = jnp.where(up, qa + u, jnp.where(down, qa - u_down, qa))
-  # Only finite, normal, nonzero quotients need (and allow) the correction.
-  ok = jnp.isfinite(qa) & (qa >= 2.0 ** -100) & (qa <= 2.0 ** 100) & (bb > 0)
-  return jnp.where(ok, sign * fixed, q)
+  return jnp.where(up, qa + u, jnp.where(down, qa - u_down, qa))
