@@ -14,9 +14,10 @@ compute with the exact integer and power-of-two arithmetic of `lowbit_jax.scales
 the stored bits equal those of `lowbit_jax.quantize` (round to nearest even).
 
 NVFP4 and the absmax formats divide (NVFP4: s = amax / 6 / g and x / (s * g); absmax: s = amax / max and x / s),
-each an IEEE quotient. Per block the kernel divides with `backend.div_rn` (Triton's own division is 2 ulps off);
-per element `backend.div_by` refines x times the block's reciprocal to the correctly rounded quotient with fused
-multiply-adds, after scaling x and the divisor by a power of two that keeps every step in the normal range.
+each an IEEE quotient. Per block the kernel divides with `backend.div_rn` (Triton's own division is 2 ulps off)
+and takes the reciprocal with `backend.rcp_rn`; per element `backend.div_by` refines x times the block's
+reciprocal to the correctly rounded quotient with fused multiply-adds, after scaling x and the divisor by a power
+of two that keeps every step in the normal range. NVFP4's E4M3 block scales round in the hardware conversion.
 
 Exactness limits, left to the caller (fall back to XLA for them):
   - MX quantize: the scales are exact for every block, but the element codes of blocks with 0 < amax < 2^-100 are
