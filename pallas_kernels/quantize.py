@@ -235,11 +235,11 @@ def _pack_nibbles(codes, ok):
 
 
 def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
-  x_ref, *g_ref, d_ref, s_ref = refs[:4] if fmt.rule == "nvfp4" else refs[:3]
-  if fmt.tensor_scale:
-    def copy_g():
-      refs[-1][...] = g_ref[0][...]
-    pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0))(copy_g)
+  x_ref, *g_ref, d_ref, s_ref = refs[:4 if fmt.rule == "nvfp4" else 3]
+  if fmt.tensor_scale:  # the first program copies g to its output (`quantize_rows`)
+    @pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0))
+    def _():
+      refs[4][...] = g_ref[0][...]
   br, ct = x_ref.shape
   el, block = fmt.element_type, (ct if fmt.block is None else fmt.block[0])
   nb = ct // block
