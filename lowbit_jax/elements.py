@@ -171,8 +171,9 @@ def _div(a, b):
   sign = jnp.sign(q)
   aa, bb = jnp.abs(a), jnp.abs(b)
   # Only finite, normal, nonzero quotients need (and allow) the correction; a below 2^127 keeps q * b finite.
-  ok = jnp.isfinite(q) & (jnp.abs(q) >= 2.0 ** -100) & (jnp.abs(q) <= 2.0 ** 126) & (aa < 2.0 ** 127) & (bb > 0)
-  qa = jnp.where(ok, jnp.abs(q), 1.0)
+  qa = jnp.abs(q)
+  ok = jnp.isfinite(qa) & (qa >= 2.0 ** -100) & (qa <= 2.0 ** 126) & (aa < 2.0 ** 127) & (bb > 0)
+  qa = jnp.where(ok, qa, 1.0)
   # Two steps: XLA's GPU backend divides to within 2 ulps, and each step moves q by at most one.
   for _ in range(2):
     qa = _nearer(aa, bb, qa)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BACKENDS", "HOPPER_SMEM", "byte_bits", "call", "div_by", "div_rn", "dot", "gpu_available",
-           "hopper_available", "in_bounds", "jax_triton_available", "load", "on_gpu", "program_id", "store",
+__all__ = ["BACKENDS", "HOPPER_SMEM", "byte_bits", "call", "div_by", "div_rn", "dot", "fma", "gpu_available",
+           "hopper_available", "in_bounds", "jax_triton_available", "load", "on_gpu", "program_id", "rcp_rn", "store",
            "tile_mask", "tma_rows", "triton_call"]
 
 BACKENDS = ("triton", "interpret", "mosaic", "mosaic_interpret")

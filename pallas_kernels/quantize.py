@@ -195,7 +195,7 @@ def _nvfp4_blocks(x, amax, g, el: ElementType, backend: str):
   scode, sf = lax.bitcast_convert_type(s8, jnp.uint8).astype(jnp.int32), s8.astype(jnp.float32)
   ok = finite & (sf > 0)
   y = _quotients(x, jnp.where(ok, sf * g, 1.0), backend)
-  return _float_codes(y, el, sign=x, biased=True, backend=backend), jnp.where(finite, scode, 0x7F), ok
+  return _float_codes(y, el, sign=x, biased=el.bits == 4, backend=backend), jnp.where(finite, scode, 0x7F), ok
 
 
 def _absmax_blocks(x, amax, el: ElementType, scale: str, backend: str):

@@ -238,4 +238,3 @@ def test_element_codes_match_ml_dtypes(element):
   top = int(np.float32(el.max).astype(ml).view(np.uint8))
   nan = np.float32([np.nan, np.copysign(np.nan, -1)])
   np.testing.assert_array_equal(np.asarray(qk._float_codes(jnp.asarray(nan), el)), [top, top | 1 << el.bits - 1])
-
