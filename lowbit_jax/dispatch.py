@@ -4,12 +4,12 @@
 of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
 Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
-with K-major (N, K) int4 / int8 / MXFP4 / NVFP4 weights (int4 at any M, the others below KMAJOR_XLA_FROM_M rows)
-is Pallas lowered through Mosaic GPU (`mosaic`, Hopper); block FP8 is a Mosaic GPU kernel on Hopper from
-BLOCK_FP8_MOSAIC_FROM_M rows, and otherwise a Triton kernel launched by jax_triton (`jax_triton`, the optional
-`lowbit-jax[triton]` extra; a GPU with neither warns once and runs XLA). `pallas`,
-`mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's math on any device (the
-Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
+with K-major (N, K) int4 / int8 / MXFP4 / MXFP8 / NVFP4 weights (int4 at any M, MXFP8 below
+KMAJOR_FP8_XLA_FROM_M rows, the others below KMAJOR_XLA_FROM_M) is Pallas lowered through Mosaic GPU (`mosaic`,
+Hopper); block FP8 is a Mosaic GPU kernel on Hopper from BLOCK_FP8_MOSAIC_FROM_M rows, and otherwise a Triton
+kernel launched by jax_triton (`jax_triton`, the optional `lowbit-jax[triton]` extra; a GPU with neither warns once
+and runs XLA). `pallas`, `mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's
+math on any device (the Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
 # K-major weights: the Mosaic kernel (tiles of 256 rows) beat dequantize-then-dot at every M measured for int4
 # (1.04-1.31x at M = 2048 and 8192), MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x; at 4096 0.92-1.01x,
-# at 8192 0.90-0.97x: BENCHMARKS.md).
+# at 8192 0.90-0.97x), MXFP8 only below 1024 (1.21-1.31x at 512, 1.00-1.02x at 1024, 0.87-0.88x at 2048):
+# BENCHMARKS.md.
 KMAJOR_XLA_FROM_M = 4096
+KMAJOR_FP8_XLA_FROM_M = 1024
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
@@ -156,5 +158,8 @@ def xla_from_m(fmt, k_major: bool = False) -> float:
   dequantize-then-dot on a GPU (inf: never)."""
   from pallas_kernels.quantize import supports_cols
   if k_major:
-    return math.inf if fmt.element_type.kind == "int" and fmt.element_type.bits == 4 else KMAJOR_XLA_FROM_M
+    el = fmt.element_type
+    if el.bits == 8 and el.kind == "float":
+      return KMAJOR_FP8_XLA_FROM_M
+    return math.inf if el.kind == "int" and el.bits == 4 else KMAJOR_XLA_FROM_M
   return XLA_FROM_M if supports_cols(fmt) is None else XLA_FROM_M_SLOW_DEQUANT

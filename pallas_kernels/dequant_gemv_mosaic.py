@@ -3,10 +3,10 @@ prefill: up to 256 activation rows in one tile, more in tiles of 256.
 
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
-a `jnp.int4` (N, K) array), or int8 codes; symmetric, with bfloat16 scales (N, K / B) for blocks of B = 128 (int4
-also 32 and 64), or (N, 1) per channel; MXFP4 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and
-the float32 tensor scale g, which multiplies the float32 sum (as in dequant_matmul.py) where dequantize rounds
-v * s * g to bfloat16.
+a `jnp.int4` (N, K) array), or int8, E4M3 or E5M2 codes; symmetric integers with bfloat16 scales (N, K / B) for
+blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4 and MXFP8 with E8M0 scales (N, K / 32);
+NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which multiplies the float32 sum (as in
+dequant_matmul.py) where dequantize rounds v * s * g to bfloat16.
 
 Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or the next power of two up to 256
 (the wgmma N; TMA fills rows past the array with zeros, so x is padded at most to a multiple of 8 rows) and
@@ -17,7 +17,7 @@ the code tiles in boxes of 128-byte rows, the slices' rows of scales and the (R,
 shared memory; the scales come as stored, a 16-byte window of each row's (N, K / B) scales, and widen to bfloat16
 in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
-every 32 and the activations to match, see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
+every 32 and the activations to match; FP8: a byte permute, shift and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
 which is exactly the weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand,
 accumulating in float32. Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g
 applied); with it, float32 (split, M, N) partials that XLA sums. With `wgs` > 1
@@ -45,6 +45,8 @@ from pallas_kernels import backend as _backend
 
 __all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "smem_bytes", "supports"]
 
+# Float element types by the name of their code in `_widen`.
+_FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
@@ -101,16 +103,16 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
 def supports(fmt: Format, n: int, k: int) -> str | None:
   """None if the kernel takes a K-major (n, k) weight in `fmt`, else the reason it does not."""
   el = fmt.element_type
-  mx4 = el.name == "float4_e2m1fn" and fmt.scale == "float8_e8m0fnu" and not fmt.tensor_scale
+  mx = el.name in _FLOAT_CODES and fmt.scale == "float8_e8m0fnu" and not fmt.tensor_scale
   nv4 = el.name == "float4_e2m1fn" and fmt.rule == "nvfp4" and fmt.block == (16,)
-  if not (mx4 or nv4 or el.kind == "int" and el.bits in (4, 8) and not fmt.zero_point and fmt.rule == "absmax"):
-    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8, MXFP4 and NVFP4 weights"
+  if not (mx or nv4 or el.kind == "int" and el.bits in (4, 8) and not fmt.zero_point and fmt.rule == "absmax"):
+    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8, MXFP4, MXFP8 and NVFP4 weights"
   # 4-bit codes are relabelled within every 32 along K (`_widen`), which keeps blocks of 32 and up intact.
-  blocks = ((16,), (32,), (64,), (_TK,), None) if el.bits == 4 else ((_TK,), None)
-  if fmt.block not in blocks or fmt.block == (16,) and not nv4:
-    return f"{fmt.name}: the Mosaic kernel takes {'blocks of 32, 64 or' if el.bits == 4 else 'groups of'} {_TK} " \
+  wide = el.bits == 4 or mx
+  if not nv4 and fmt.block not in (((32,), (64,), (_TK,), None) if wide else ((_TK,), None)):
+    return f"{fmt.name}: the Mosaic kernel takes {'blocks of 32, 64 or' if wide else 'groups of'} {_TK} " \
            "or one scale per row"
-  if not (mx4 or nv4) and fmt.scale != "bfloat16":
+  if not (mx or nv4) and fmt.scale != "bfloat16":
     return f"{fmt.name}: {fmt.scale} scales (the kernel takes bfloat16)"
   if n % _BN or k % _TK:
     return f"N = {n} and K = {k} must be multiples of {_BN} and {_TK}"
@@ -128,12 +130,13 @@ def _relabel_k(a: jax.Array, axis: int) -> jax.Array:
 
 def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
-  per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "int4" or
-  "e2m1" (the bits of 4-bit codes arrive as int4).
+  per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "e4m3",
+  "e5m2" (8-bit codes, arriving as int8), "int4" or "e2m1" (arriving as int4).
 
-  int8 codes convert in place. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
-  2 codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
-  layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's 8-column tile, t the thread's column pair).
+  int8 codes convert in place; FP8 codes a pair at a time (`_byte_pair_ptx`). 4-bit codes are loaded 8 to a
+  32-bit register (where the wgmma layout would take 2 codes, one byte, per load) and each register becomes 4 bf16
+  pairs, codes (j, j + 4) for j < 4, that the wgmma layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's
+  8-column tile, t the thread's column pair).
   That relabels K within every 32 (`_relabel_k`); the caller applies the same relabelling to the activations,
   which leaves the dot product unchanged and saves the shuffles a true relayout would take.
   """
@@ -142,15 +145,30 @@ def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
     return [w_smem[...].astype(jnp.bfloat16)]
   if interpret:  # the same values and relabelling, as array ops
     v = w_smem[...]
-    v = elements.decode(v.astype(jnp.int32) & 15, ELEMENTS["float4_e2m1fn"]) if code == "e2m1" else v
+    if code in ("e4m3", "e5m2"):
+      v = lax.bitcast_convert_type(v, jnp.float8_e4m3fn if code == "e4m3" else jnp.float8_e5m2)
+    elif code == "e2m1":
+      v = elements.decode(v.astype(jnp.int32) & 15, ELEMENTS["float4_e2m1fn"])
     v = v.astype(jnp.bfloat16)
-    a = _relabel_k(v, axis=1)
+    a = v if code in ("e4m3", "e5m2") else _relabel_k(v, axis=1)
     return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
-  codes = plgpu.load(w_smem, None, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+  layout = plgpu.Layout.WGMMA if code in ("e4m3", "e5m2") else plgpu.Layout.WGMMA_UPCAST_4X
+  codes = plgpu.load(w_smem, None, layout=layout)
   part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
-  return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=[part] * (box // width))(
-      functools.partial(_nibble_pairs, code=code, width=width))(codes)
+  return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
+      functools.partial(_code_pairs, code=code, width=width))(codes)
+
+
+def _byte_pair_ptx(code: str) -> str:
+  """PTX for one bf16 pair from the two FP8 codes in bits 0-15 of $1. Each code sign-extended into its 16-bit half
+  by one byte permute, then shifted so its exponent and mantissa bits sit at the bottom of the bf16 exponent
+  field and the top of its mantissa (sign at bit 15), gives the bf16 of v * 2^-120 (E4M3) or v * 2^-112 (E5M2):
+  subnormal codes become bf16 subnormals, kept by bf16 arithmetic; then times 2^120 or 2^112 exactly. NaN and Inf
+  codes, which the quantizer stores only in blocks whose scale is NaN (REFERENCE section 2), become finite."""
+  shift, mask, power = (4, "0x87F087F0", "0x7B807B80") if code == "e4m3" else (5, "0x8FE08FE0", "0x77807780")
+  return (f"prmt.b32 t, $1, 0, 0x9180; shl.b32 t, t, {shift}; and.b32 t, t, {mask}; mov.b32 m, {power}; "
+          "mul.rn.bf16x2 $0, t, m;")
 
 
 def _pair_ptx(code: str, j: int) -> str:
@@ -169,22 +187,33 @@ def _pair_ptx(code: str, j: int) -> str:
           " lop3.b32 t, m, t, 0x80008000, 0xF8; mov.b32 m, 0x7E807E80; mul.rn.bf16x2 $0, t, m;")
 
 
-def _nibble_pairs(_, codes, *, code: str, width: int):
-  """Mosaic GPU (lane level): 4-bit codes in the WGMMA_UPCAST_4X layout, 8 per register, to bf16 in the WGMMA
-  layout as `_widen` describes (`_pair_ptx` per pair), split into `width`-column arrays."""
+def _code_pairs(_, codes, *, code: str, width: int):
+  """Mosaic GPU (lane level): codes to bf16 in the WGMMA layout, split into `width`-column arrays. FP8 codes come
+  in the WGMMA layout itself, two per register (`_byte_pair_ptx`); 4-bit codes in the WGMMA_UPCAST_4X layout, 8
+  per register, as `_widen` describes (`_pair_ptx` per pair)."""
   import numpy as np
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils
   from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import llvm
+  from jaxlib.mlir.dialects import arith, llvm
   i32 = ir.IntegerType.get_signless(32)
   pair = ir.VectorType.get((2,), ir.BF16Type.get())
-  out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(codes.shape), dtype=object)
-  for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
-    word = utils.bitcast(reg, i32)
-    for j in range(4):
-      bf16x2 = llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + _pair_ptx(code, j) + " }", "=r,r")
-      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(bf16x2, pair)
+
+  def asm(word, ptx):
+    return utils.bitcast(llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + ptx + " }", "=r,r"), pair)
+
+  if code in ("e4m3", "e5m2"):
+    i16 = ir.IntegerType.get_signless(16)
+    ptx = _byte_pair_ptx(code)
+    out = np.empty(codes.registers.shape, dtype=object)
+    for idx, reg in np.ndenumerate(codes.registers):
+      out[idx] = asm(arith.extui(i32, utils.bitcast(reg, i16)), ptx)
+  else:
+    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(codes.shape), dtype=object)
+    for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
+      word = utils.bitcast(reg, i32)
+      for j in range(4):
+        out[(idx[0], 4 * idx[1] + j, *idx[2:])] = asm(word, _pair_ptx(code, j))
   per = width // 8  # 8-column register tiles per array
   return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
           for i in range(0, out.shape[1], per)]
@@ -412,7 +441,7 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4-bit codes
   else:
     data = lax.bitcast_convert_type(w.data, jnp.int8)
-  code = "e2m1" if fmt.element_type.kind == "float" else f"int{bits}"
+  code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
   if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)
     scale, win = w.scale.reshape(1, n), 1
   else:  # (N, K / B) as stored; E8M0 as its bits, columns padded to whole TMA windows

@@ -18,7 +18,8 @@ from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
 
 KERNEL = "mosaic" if hopper_available() else "interpret"
 MOSAIC = "mosaic" if KERNEL == "mosaic" else "mosaic_interpret"  # dequant_gemv's backend for KERNEL
-FORMATS = ["int4_g128_sym", "int4_g32_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym", "mxfp4", "nvfp4"]
+FORMATS = ["int4_g128_sym", "int4_g32_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym", "mxfp4", "nvfp4",
+           "mxfp8_e4m3", "mxfp8_e5m2"]
 DN = (((1,), (1,)), ((), ()))
 
 
@@ -97,6 +98,25 @@ def test_warp_specialized(fmt, m, wgs, programs):
   _kernel_equals_exact_dot(x, w, Config(split=2, groups=1, stages=2, wgs=wgs))
 
 
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2"])
+def test_every_fp8_code_decodes_exactly(fmt):
+  # Each finite FP8 code (subnormals, both zeros, the largest) in every row, under E8M0 scales from 2^-12 to 2^12,
+  # read out one weight per output through an identity x: the kernel's decode (a byte permute, shift and mask, then
+  # two exact bf16 products on the GPU) against ml_dtypes. NaN / Inf codes appear only in blocks with a NaN scale.
+  el = getattr(ml_dtypes, "float8_e4m3fn" if fmt == "mxfp8_e4m3" else "float8_e5m2")
+  codes = (np.arange(256)[None, :] + 37 * np.arange(64)[:, None]) % 256  # (64, 256): every code in every row
+  finite = np.isfinite(codes.astype(np.uint8).view(el).astype(np.float32))
+  codes = np.where(finite, codes, 0).astype(np.uint8)
+  exps = 127 + np.random.default_rng(0).integers(-12, 13, size=(64, 8))  # E8M0 bits of 2^-12 ... 2^12
+  q = lb.quantize(jnp.ones((64, 256)), fmt, axis=1)
+  leaves, tree = jax.tree_util.tree_flatten(q)
+  w = jax.tree_util.tree_unflatten(tree, [jnp.asarray(codes.view(el)),
+                                          jnp.asarray(exps.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu))])
+  y = dequant_gemv(jnp.eye(256, dtype=jnp.bfloat16), w, out_dtype=jnp.float32, backend=MOSAIC)
+  want = codes.view(el).astype(np.float32) * np.exp2(np.repeat(exps, 32, axis=1) - 127.0)
+  np.testing.assert_array_equal(np.asarray(y), want.T)
+
+
 def test_dot_general_leading_dims_jit_and_dispatch():
   x, w = _operands(6, 128, 256, "int4_g128_sym", seed=2)
   x3 = x.reshape(2, 3, 256)
@@ -110,9 +130,14 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   mx = lb.quantize(w.dequantize(jnp.float32), "mxfp4", axis=1)
   assert dispatch.choose(None, x, mx, DN, 4096) == "xla"  # (the others: dequantize-then-dot from 4096 rows)
   assert dispatch.choose(None, x, mx, DN, 2048) == ("mosaic" if KERNEL == "mosaic" else "xla")
+  mx8 = lb.quantize(w.dequantize(jnp.float32), "mxfp8_e4m3", axis=1)  # (MXFP8: from 1024 rows)
+  assert dispatch.xla_from_m(mx8.format, k_major=True) == 1024
+  assert dispatch.choose(None, x, mx8, DN, 1024) == "xla"
+  assert dispatch.choose(None, x, mx8, DN, 512) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
 
-@pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4", "mxfp8_e4m3",
+                                 "mxfp8_e5m2"])
 @pytest.mark.parametrize("m,k", [(4, 512), (9, 512), (64, 256), (300, 256)])  # x unpadded, padded; wgs 2; tiles
 def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads, TMA's rules for the
@@ -127,7 +152,8 @@ def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
-    (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4 and NVFP4"),
+    (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP8 and NVFP4"),
+    (2, 128, "mxfp6_e2m3", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP8 and NVFP4"),
     (2, 128, "int8_g32_sym", jnp.bfloat16, "interpret", "groups of 128"),
     (2, 96, "int8_channel_sym", jnp.bfloat16, "interpret", "multiples of 64 and 128"),
     (2, 128, "int4_g128_sym", jnp.bfloat16, "pallas", "its kernel is a 'mosaic' kernel"),
@@ -153,7 +179,7 @@ def test_scales_widen_exactly(dtype):
   assert np.isnan(got.view(ml_dtypes.bfloat16).astype(np.float32)[nan]).all()
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4_g128_sym", "int8_channel_sym"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4_g128_sym", "int8_channel_sym", "mxfp8_e4m3", "mxfp8_e5m2"])
 def test_special_weights(fmt):
   # NaN and Inf in a block (NaN scales), a row at the smallest E8M0 scale (2^-127, a bf16 subnormal), a row near
   # the float32 limit: each output column against its own exact dot, so tiny columns are not lost beside huge ones.
@@ -164,6 +190,6 @@ def test_special_weights(fmt):
   y = np.asarray(dequant_gemv(x, w, out_dtype=jnp.float32, backend=MOSAIC))
   ref = np.asarray(_exact_weights_dot(x, w))
   assert np.isnan(ref[:, 0]).all()
-  # XLA:CPU flushes subnormal operands, so the interpreter's MXFP4 v * 2^-127 (row 2) is 0 there; the GPU keeps it.
-  for j in [j for j in range(ref.shape[1]) if KERNEL == "mosaic" or fmt != "mxfp4" or j != 2]:
+  # XLA:CPU flushes subnormal operands, so the interpreter's MX v * 2^-127 (row 2) is 0 there; the GPU keeps it.
+  for j in [j for j in range(ref.shape[1]) if KERNEL == "mosaic" or not fmt.startswith("mx") or j != 2]:
     np.testing.assert_allclose(y[:, j], ref[:, j], rtol=0, atol=1e-5 * np.nanmax(np.abs(ref[:, j]), initial=0))
