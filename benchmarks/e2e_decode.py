@@ -8,7 +8,7 @@ of issue 4 is >= 2.5x bf16 decode tokens/s at batch 1 with mxfp4 or int4 weights
 its linear layers replaced by zeros: the rest of the step, which bounds what any weight format can gain.
 
 A format named with "+kmajor" (int4_g128_sym+kmajor) holds the linear layers' kernels (out, in): the layout of
-the Mosaic GPU decode kernel (Hopper, int4 / int8 / MXFP4 / MXFP8 / NVFP4 weights).
+the Mosaic GPU decode kernel (Hopper, int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights).
 
 Usage (from the repository root):
   PYTHONPATH=. python benchmarks/e2e_decode.py [--formats mxfp4,int4_g128_sym+kmajor,...] [--batches 1,8]

@@ -4,7 +4,7 @@
 of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
 Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
-with K-major (N, K) int4 / int8 / MXFP4 / MXFP8 / NVFP4 weights (int4 at any M, MXFP8 below
+with K-major (N, K) int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights (int4 at any M, MXFP8 below
 KMAJOR_FP8_XLA_FROM_M rows, the others below KMAJOR_XLA_FROM_M) is Pallas lowered through Mosaic GPU (`mosaic`,
 Hopper); block FP8 is a Mosaic GPU kernel on Hopper from BLOCK_FP8_MOSAIC_FROM_M rows, and otherwise a Triton
 kernel launched by jax_triton (`jax_triton`, the optional `lowbit-jax[triton]` extra; a GPU with neither warns once
@@ -34,8 +34,8 @@ XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
 # K-major weights: the Mosaic kernel (tiles of 256 rows) beat dequantize-then-dot at every M measured for int4
 # (1.04-1.31x at M = 2048 and 8192), MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x; at 4096 0.92-1.01x,
-# at 8192 0.90-0.97x), MXFP8 only below 1024 (1.21-1.31x at 512, 1.00-1.02x at 1024, 0.87-0.88x at 2048):
-# BENCHMARKS.md.
+# at 8192 0.90-0.97x), MXFP8 only below 1024 (1.21-1.31x at 512, 1.00-1.02x at 1024, 0.87-0.88x at 2048); MXFP6
+# 1.37x at 2048 (the switch at 4096 not measured for it): BENCHMARKS.md.
 KMAJOR_XLA_FROM_M = 4096
 KMAJOR_FP8_XLA_FROM_M = 1024
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate

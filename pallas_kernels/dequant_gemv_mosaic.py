@@ -3,8 +3,9 @@ prefill: up to 256 activation rows in one tile, more in tiles of 256.
 
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
-a `jnp.int4` (N, K) array), or int8, E4M3 or E5M2 codes; symmetric integers with bfloat16 scales (N, K / B) for
-blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4 and MXFP8 with E8M0 scales (N, K / 32);
+a `jnp.int4` (N, K) array), FP6 codes four per three bytes, or int8, E4M3 or E5M2 codes; symmetric integers with
+bfloat16 scales (N, K / B) for blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4, MXFP6 and
+MXFP8 with E8M0 scales (N, K / 32);
 NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which multiplies the float32 sum (as in
 dequant_matmul.py) where dequantize rounds v * s * g to bfloat16.
 
@@ -17,7 +18,8 @@ the code tiles in boxes of 128-byte rows, the slices' rows of scales and the (R,
 shared memory; the scales come as stored, a 16-byte window of each row's (N, K / B) scales, and widen to bfloat16
 in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
-every 32 and the activations to match; FP8: a byte permute, shift and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
+every 32 and the activations to match; FP6 the same order, from bytes each thread loads; FP8: a byte permute, shift
+and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
 which is exactly the weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand,
 accumulating in float32. Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g
 applied); with it, float32 (split, M, N) partials that XLA sums. With `wgs` > 1
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lowbit_jax import elements
+from lowbit_jax import elements, packing
 from lowbit_jax.formats import ELEMENTS, Format
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
@@ -46,7 +48,8 @@ from pallas_kernels import backend as _backend
 __all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "smem_bytes", "supports"]
 
 # Float element types by the name of their code in `_widen`.
-_FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
+_FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float6_e2m3fn": "e2m3", "float6_e3m2fn": "e3m2", "float8_e4m3fn": "e4m3",
+                "float8_e5m2": "e5m2"}
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
@@ -106,8 +109,8 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
   mx = el.name in _FLOAT_CODES and fmt.scale == "float8_e8m0fnu" and not fmt.tensor_scale
   nv4 = el.name == "float4_e2m1fn" and fmt.rule == "nvfp4" and fmt.block == (16,)
   if not (mx or nv4 or el.kind == "int" and el.bits in (4, 8) and not fmt.zero_point and fmt.rule == "absmax"):
-    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8, MXFP4, MXFP8 and NVFP4 weights"
-  # 4-bit codes are relabelled within every 32 along K (`_widen`), which keeps blocks of 32 and up intact.
+    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8, MXFP4, MXFP6, MXFP8 and NVFP4 weights"
+  # 4- and 6-bit codes are relabelled within every 32 along K (`_widen`), which keeps blocks of 32 and up intact.
   wide = el.bits == 4 or mx
   if not nv4 and fmt.block not in (((32,), (64,), (_TK,), None) if wide else ((_TK,), None)):
     return f"{fmt.name}: the Mosaic kernel takes {'blocks of 32, 64 or' if wide else 'groups of'} {_TK} " \
@@ -131,33 +134,93 @@ def _relabel_k(a: jax.Array, axis: int) -> jax.Array:
 def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
   per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "e4m3",
-  "e5m2" (8-bit codes, arriving as int8), "int4" or "e2m1" (arriving as int4).
+  "e5m2" (8-bit codes, arriving as int8), "e2m3", "e3m2" (6-bit codes, arriving as their bytes), "int4" or "e2m1"
+  (arriving as int4).
 
-  int8 codes convert in place; FP8 codes a pair at a time (`_byte_pair_ptx`). 4-bit codes are loaded 8 to a
+  int8 codes convert in place; FP8 codes a pair at a time (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with
+  the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to a
   32-bit register (where the wgmma layout would take 2 codes, one byte, per load) and each register becomes 4 bf16
   pairs, codes (j, j + 4) for j < 4, that the wgmma layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's
   8-column tile, t the thread's column pair).
   That relabels K within every 32 (`_relabel_k`); the caller applies the same relabelling to the activations,
   which leaves the dot product unchanged and saves the shuffles a true relayout would take.
   """
-  box = w_smem.shape[1]
+  six = code in ("e2m3", "e3m2")
+  box = w_smem.shape[1] * 4 // 3 if six else w_smem.shape[1]  # (6-bit codes arrive as their bytes)
   if code == "int8":
     return [w_smem[...].astype(jnp.bfloat16)]
   if interpret:  # the same values and relabelling, as array ops
     v = w_smem[...]
     if code in ("e4m3", "e5m2"):
       v = lax.bitcast_convert_type(v, jnp.float8_e4m3fn if code == "e4m3" else jnp.float8_e5m2)
-    elif code == "e2m1":
-      v = elements.decode(v.astype(jnp.int32) & 15, ELEMENTS["float4_e2m1fn"])
+    elif code == "e2m1" or six:
+      name = {"e2m1": "float4_e2m1fn", "e2m3": "float6_e2m3fn", "e3m2": "float6_e3m2fn"}[code]
+      v = packing.unpack(v, 6, axis=1) if six else v.astype(jnp.int32) & 15
+      v = elements.decode(v, ELEMENTS[name])
     v = v.astype(jnp.bfloat16)
     a = v if code in ("e4m3", "e5m2") else _relabel_k(v, axis=1)
     return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
+  part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+  if six:  # loaded by the threads themselves: no register layout holds 6-bit codes
+    return plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[part] * (box // width))(
+        functools.partial(_six_bit_pairs, code=code, width=width))(w_smem)
   layout = plgpu.Layout.WGMMA if code in ("e4m3", "e5m2") else plgpu.Layout.WGMMA_UPCAST_4X
   codes = plgpu.load(w_smem, None, layout=layout)
-  part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
       functools.partial(_code_pairs, code=code, width=width))(codes)
+
+
+def _six_bit_ptx(code: str, off: int) -> str:
+  """PTX for one bf16 pair from $1, which holds two FP6 codes at bit `off` of its 16-bit halves: the magnitude to
+  bf16 bits 4-8 (E2M3) or 5-9 (E3M2) and the sign to bit 15 make the bf16 of v * 2^-126 (E2M3) or v * 2^-124
+  (E3M2), subnormal codes as bf16 subnormals; then times 2^126 or 2^124 exactly (as `_pair_ptx` does for E2M1)."""
+  low, mask, power = (4, "0x01F001F0", "0x7E807E80") if code == "e2m3" else (5, "0x03E003E0", "0x7D807D80")
+  d = low - off
+  mag = f"shl.b32 m, $1, {d};" if d > 0 else f"shr.u32 m, $1, {-d};" if d < 0 else "mov.b32 m, $1;"
+  return (mag + f" and.b32 m, m, {mask}; shl.b32 t, $1, {10 - off}; lop3.b32 t, m, t, 0x80008000, 0xF8; "
+          f"mov.b32 m, {power}; mul.rn.bf16x2 $0, t, m;")
+
+
+def _six_bit_pairs(_, ref, *, code: str, width: int):
+  """Mosaic GPU (lane level): a (64, 3C / 4) byte tile of FP6 codes in shared memory (four codes per three bytes,
+  REFERENCE section 3) to bf16 in the WGMMA layout, split into `width`-column arrays.
+
+  Each thread takes the codes the WGMMA_UPCAST_4X layout gives it, 8t..8t + 7 of every 32 of its two rows (t its
+  column group): the 6 bytes at 24c + 6t of 32-column chunk c, in two aligned 32-bit loads. The pairs of `_widen`,
+  codes (j, j + 4), sit 24 bits (three bytes) apart, so one byte permute per pair of pairs puts them in the two
+  halves of a word at the same bit offset; the same relabelling of K as for 4-bit codes follows."""
+  import numpy as np
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, llvm
+  i32 = ir.IntegerType.get_signless(32)
+  pair = ir.VectorType.get((2,), ir.BF16Type.get())
+  c = lambda v: arith.constant(i32, v)
+  rows, nbytes = ir.MemRefType(ref.type).shape
+  shape = (rows, nbytes * 4 // 3)
+  base = llvm.ptrtoint(i32, utils.memref_ptr(ref))
+
+  def asm(ptx, *args):
+    return llvm.inline_asm(i32, list(args), "{ .reg .b32 t, m; " + ptx + " }", ",".join(["=r"] + ["r"] * len(args)))
+
+  layout = mgpu.WGMMA_LAYOUT_UPCAST_4X
+  out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
+  for idx, (row, col) in zip(np.ndindex(layout.registers_shape(shape)), layout.thread_idxs(shape)):
+    row, col = arith.index_cast(i32, row), arith.index_cast(i32, col)
+    first = arith.divui(arith.muli(col, c(3)), c(4))  # the first byte, 24c + 6t: 2 past a word where t is odd
+    addr = arith.addi(base, arith.addi(arith.muli(row, c(nbytes)), arith.andi(first, c(~3))))
+    lo, hi = asm("ld.shared.b32 $0, [$1];", addr), asm("ld.shared.b32 $0, [$1+4];", addr)
+    skip = arith.muli(arith.andi(first, c(2)), c(0x1111))  # byte selectors moved past those 2 bytes
+    # Code j (j < 4) at bit 6j of the 6 bytes, code j + 4 three bytes later: halves from bytes (a, a + 1) and
+    # (a + 3, a + 4), a = 6j // 8, put both at bit 6j % 8 (a selector past byte 7 picks a byte no mask keeps).
+    words = [asm("prmt.b32 $0, $1, $2, $3;", lo, hi, arith.addi(c(sel), skip)) for sel in (0x4310, 0x5421, 0x6532)]
+    for j, (w, off) in enumerate(zip((0, 0, 1, 2), (0, 6, 4, 2))):
+      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(asm(_six_bit_ptx(code, off), words[w]), pair)
+  per = width // 8  # 8-column register tiles per array
+  return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+          for i in range(0, out.shape[1], per)]
 
 
 def _byte_pair_ptx(code: str) -> str:
@@ -281,9 +344,11 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   ni, mi = (pid % n_tiles, pid // n_tiles) if m_tiles > 1 else (pid, 0)
   si = _backend.program_id(1, backend=backend)
   k0 = si * steps
-  bits = jnp.iinfo(w_gmem.dtype).bits
-  # Code columns per TMA box: 128-byte rows (the widest swizzle) where a step holds whole ones, else 128.
-  box = 1024 // bits if (groups * _TK) % (1024 // bits) == 0 else _TK
+  six = code in ("e2m3", "e3m2")
+  bits = 6 if six else jnp.iinfo(w_gmem.dtype).bits
+  # Code columns per TMA box: 128-byte rows (the widest swizzle) where a step holds whole ones, else 128; 6-bit
+  # codes, whose threads load their own bytes (`_six_bit_pairs`), in one unswizzled box per step.
+  box = groups * _TK if six else 1024 // bits if (groups * _TK) % (1024 // bits) == 0 else _TK
   w_sw = box * bits // 8
   boxes = groups * _TK // box
   bn = _BN * tiles * wgs
@@ -333,7 +398,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
             plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(xs, (1, 0)))
     plgpu.wgmma_wait(0)
 
-  w_spec = lambda b: plgpu.BlockSpec(
+  w_spec = lambda b: plgpu.BlockSpec((bn, w_sw), lambda kk: (ni, k0 + kk)) if six else plgpu.BlockSpec(
       (bn, box), lambda kk: (ni, (k0 + kk) * boxes + b),
       transforms=(plgpu.TilingTransform((8, box)), plgpu.SwizzleTransform(w_sw)))
   in_specs = [
@@ -438,9 +503,10 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   xp = _backend.tma_rows(x)
   if bits == 4:  # two codes per byte, low nibble first: the bytes of a jnp.int4 (N, K) array
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
-    xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4-bit codes
-  else:
-    data = lax.bitcast_convert_type(w.data, jnp.int8)
+  else:  # (6-bit codes: four per three bytes, as stored)
+    data = w.data if bits == 6 else lax.bitcast_convert_type(w.data, jnp.int8)
+  if bits < 8:
+    xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4- and 6-bit codes
   code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
   if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)
     scale, win = w.scale.reshape(1, n), 1

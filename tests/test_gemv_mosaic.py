@@ -19,7 +19,7 @@ from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
 KERNEL = "mosaic" if hopper_available() else "interpret"
 MOSAIC = "mosaic" if KERNEL == "mosaic" else "mosaic_interpret"  # dequant_gemv's backend for KERNEL
 FORMATS = ["int4_g128_sym", "int4_g32_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym", "mxfp4", "nvfp4",
-           "mxfp8_e4m3", "mxfp8_e5m2"]
+           "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2"]
 DN = (((1,), (1,)), ((), ()))
 
 
@@ -98,22 +98,23 @@ def test_warp_specialized(fmt, m, wgs, programs):
   _kernel_equals_exact_dot(x, w, Config(split=2, groups=1, stages=2, wgs=wgs))
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2"])
-def test_every_fp8_code_decodes_exactly(fmt):
-  # Each finite FP8 code (subnormals, both zeros, the largest) in every row, under E8M0 scales from 2^-12 to 2^12,
-  # read out one weight per output through an identity x: the kernel's decode (a byte permute, shift and mask, then
-  # two exact bf16 products on the GPU) against ml_dtypes. NaN / Inf codes appear only in blocks with a NaN scale.
-  el = getattr(ml_dtypes, "float8_e4m3fn" if fmt == "mxfp8_e4m3" else "float8_e5m2")
-  codes = (np.arange(256)[None, :] + 37 * np.arange(64)[:, None]) % 256  # (64, 256): every code in every row
-  finite = np.isfinite(codes.astype(np.uint8).view(el).astype(np.float32))
-  codes = np.where(finite, codes, 0).astype(np.uint8)
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2"])
+def test_every_float_code_decodes_exactly(fmt):
+  # Each finite FP8 / FP6 code (subnormals, both zeros, the largest) in every row, under E8M0 scales from 2^-12 to
+  # 2^12, read out one weight per output through an identity x: the kernel's decode (GPU: byte permutes, shifts and
+  # masks, then two exact bf16 products) against ml_dtypes. FP8 NaN / Inf codes appear only in NaN-scaled blocks.
+  from lowbit_jax import packing
+  el = lb.get_format(fmt).element_type
+  codes = (np.arange(256)[None, :] + 37 * np.arange(64)[:, None]) % (1 << el.bits)  # (64, 256): every code, every row
+  values = codes.astype(np.uint8).view(getattr(ml_dtypes, el.name)).astype(np.float32)  # (FP6: the low 6 bits)
+  codes = np.where(np.isfinite(values), codes, 0).astype(np.uint8)
+  values = np.where(np.isfinite(values), values, 0)
   exps = 127 + np.random.default_rng(0).integers(-12, 13, size=(64, 8))  # E8M0 bits of 2^-12 ... 2^12
-  q = lb.quantize(jnp.ones((64, 256)), fmt, axis=1)
-  leaves, tree = jax.tree_util.tree_flatten(q)
-  w = jax.tree_util.tree_unflatten(tree, [jnp.asarray(codes.view(el)),
-                                          jnp.asarray(exps.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu))])
+  data = jnp.asarray(codes.view(getattr(ml_dtypes, el.name))) if el.bits == 8 else packing.pack(jnp.asarray(codes), 6, 1)
+  leaves, tree = jax.tree_util.tree_flatten(lb.quantize(jnp.ones((64, 256)), fmt, axis=1))
+  w = jax.tree_util.tree_unflatten(tree, [data, jnp.asarray(exps.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu))])
   y = dequant_gemv(jnp.eye(256, dtype=jnp.bfloat16), w, out_dtype=jnp.float32, backend=MOSAIC)
-  want = codes.view(el).astype(np.float32) * np.exp2(np.repeat(exps, 32, axis=1) - 127.0)
+  want = values * np.exp2(np.repeat(exps, 32, axis=1) - 127.0)
   np.testing.assert_array_equal(np.asarray(y), want.T)
 
 
@@ -137,7 +138,7 @@ def test_dot_general_leading_dims_jit_and_dispatch():
 
 
 @pytest.mark.parametrize("fmt", ["int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4", "mxfp8_e4m3",
-                                 "mxfp8_e5m2"])
+                                 "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2"])
 @pytest.mark.parametrize("m,k", [(4, 512), (9, 512), (64, 256), (300, 256)])  # x unpadded, padded; wgs 2; tiles
 def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads, TMA's rules for the
@@ -152,8 +153,8 @@ def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
-    (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP8 and NVFP4"),
-    (2, 128, "mxfp6_e2m3", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP8 and NVFP4"),
+    (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP6, MXFP8 and NVFP4"),
+    (2, 128, "mxint8", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP6, MXFP8 and NVFP4"),
     (2, 128, "int8_g32_sym", jnp.bfloat16, "interpret", "groups of 128"),
     (2, 96, "int8_channel_sym", jnp.bfloat16, "interpret", "multiples of 64 and 128"),
     (2, 128, "int4_g128_sym", jnp.bfloat16, "pallas", "its kernel is a 'mosaic' kernel"),
@@ -179,7 +180,8 @@ def test_scales_widen_exactly(dtype):
   assert np.isnan(got.view(ml_dtypes.bfloat16).astype(np.float32)[nan]).all()
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4_g128_sym", "int8_channel_sym", "mxfp8_e4m3", "mxfp8_e5m2"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4_g128_sym", "int8_channel_sym", "mxfp8_e4m3", "mxfp8_e5m2",
+                                 "mxfp6_e2m3", "mxfp6_e3m2"])
 def test_special_weights(fmt):
   # NaN and Inf in a block (NaN scales), a row at the smallest E8M0 scale (2^-127, a bf16 subnormal), a row near
   # the float32 limit: each output column against its own exact dot, so tiny columns are not lost beside huge ones.

@@ -94,8 +94,8 @@ class QDotGeneral(nn.Module):
       first (numerical emulation).
     qat: fake-quantize the float kernel with a straight-through gradient instead (training).
     k_major: hold a 2-D kernel (in, out) transposed, (out, in) quantized along axis 1: the layout of the Mosaic
-      GPU decode kernel (Hopper, int4 / int8 / MXFP4 / MXFP8 / NVFP4 weights, at most 256 rows per call); the same
-      values either way.
+      GPU decode kernel (Hopper, int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights, at most 256 rows per call);
+      the same values either way.
     backend: the `lowbit_jax.dot_general` backend (default: automatic).
 
   Example:

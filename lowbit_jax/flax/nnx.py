@@ -546,7 +546,7 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
     rules: a mapping (or sequence of pairs) from regex to format spec.
     qat: build QAT layers (float kernels, fake-quantized in the forward pass) instead of quantized ones.
     k_major: hold QLinear / QLinearGeneral kernels (out, in), the layout of the Mosaic GPU decode kernel (on a
-      Hopper GPU, int4 / int8 / MXFP4 / MXFP8 / NVFP4 weights at M <= 256: see `QLinear`).
+      Hopper GPU, int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights at M <= 256: see `QLinear`).
     backend: the `lowbit_jax.dot_general` backend the new layers use (default: automatic).
     verbose: draw a progress bar over the layers on stderr and print the summary.
 
