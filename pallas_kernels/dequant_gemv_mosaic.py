@@ -5,9 +5,8 @@ Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K)
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
 a `jnp.int4` (N, K) array), FP6 codes four per three bytes, or int8, E4M3 or E5M2 codes; symmetric integers with
 bfloat16 scales (N, K / B) for blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4, MXFP6 and
-MXFP8 with E8M0 scales (N, K / 32);
-NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which multiplies the float32 sum (as in
-dequant_matmul.py) where dequantize rounds v * s * g to bfloat16.
+MXFP8 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which
+multiplies the float32 sum (as in dequant_matmul.py) where dequantize rounds v * s * g to bfloat16.
 
 Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or the next power of two up to 256
 (the wgmma N; TMA fills rows past the array with zeros, so x is padded at most to a multiple of 8 rows) and
@@ -19,13 +18,12 @@ shared memory; the scales come as stored, a 16-byte window of each row's (N, K /
 in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
 every 32 and the activations to match; FP6 the same order, from bytes each thread loads; FP8: a byte permute, shift
-and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s,
-which is exactly the weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand,
-accumulating in float32. Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g
-applied); with it, float32 (split, M, N) partials that XLA sums. With `wgs` > 1
-(the default above 32 rows) a program is warp-specialized: that many compute warpgroups, each with its own 64-row
-weight tile over the shared activation tile and storing its R rows straight from registers, and one more
-warpgroup that issues the TMA copies. Unlike the
+and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the
+weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32.
+Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g applied); with it, float32
+(split, M, N) partials that XLA sums. With `wgs` > 1 (the default above 32 rows) a program is warp-specialized:
+that many compute warpgroups, each with its own 64-row weight tile over the shared activation tile and storing its
+R rows straight from registers, and one more warpgroup that issues the TMA copies. Unlike the
 Pallas-Triton kernel of dequant_matmul.py, the weights stream through TMA into shared memory instead of per-thread
 loads, which is what bound that kernel at small M (BENCHMARKS.md).
 """
@@ -138,10 +136,9 @@ def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   (arriving as int4).
 
   int8 codes convert in place; FP8 codes a pair at a time (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with
-  the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to a
-  32-bit register (where the wgmma layout would take 2 codes, one byte, per load) and each register becomes 4 bf16
-  pairs, codes (j, j + 4) for j < 4, that the wgmma layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's
-  8-column tile, t the thread's column pair).
+  the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
+  2 codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
+  layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's 8-column tile, t the thread's column pair).
   That relabels K within every 32 (`_relabel_k`); the caller applies the same relabelling to the activations,
   which leaves the dot product unchanged and saves the shuffles a true relayout would take.
   """
@@ -188,8 +185,8 @@ def _six_bit_pairs(_, ref, *, code: str, width: int):
 
   Each thread takes the codes the WGMMA_UPCAST_4X layout gives it, 8t..8t + 7 of every 32 of its two rows (t its
   column group): the 6 bytes at 24c + 6t of 32-column chunk c, in two aligned 32-bit loads. The pairs of `_widen`,
-  codes (j, j + 4), sit 24 bits (three bytes) apart, so one byte permute per pair of pairs puts them in the two
-  halves of a word at the same bit offset; the same relabelling of K as for 4-bit codes follows."""
+  codes (j, j + 4), sit 24 bits (three bytes) apart, so a byte permute puts them in the two halves of a word at the
+  same bit offset (pairs 0 and 1 share one); the same relabelling of K as for 4-bit codes follows."""
   import numpy as np
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils
