@@ -45,9 +45,11 @@ from pallas_kernels import backend as _backend
 
 __all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "smem_bytes", "supports"]
 
-# Float element types by the name of their code in `_widen`.
+# Float element types by the name of their code in `_widen`, and back.
 _FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float6_e2m3fn": "e2m3", "float6_e3m2fn": "e3m2", "float8_e4m3fn": "e4m3",
                 "float8_e5m2": "e5m2"}
+_CODE_ELEMENTS = {code: name for name, code in _FLOAT_CODES.items()}
+_FP8, _FP6 = ("e4m3", "e5m2"), ("e2m3", "e3m2")
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
@@ -142,27 +144,26 @@ def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   That relabels K within every 32 (`_relabel_k`); the caller applies the same relabelling to the activations,
   which leaves the dot product unchanged and saves the shuffles a true relayout would take.
   """
-  six = code in ("e2m3", "e3m2")
+  six = code in _FP6
   box = w_smem.shape[1] * 4 // 3 if six else w_smem.shape[1]  # (6-bit codes arrive as their bytes)
   if code == "int8":
     return [w_smem[...].astype(jnp.bfloat16)]
   if interpret:  # the same values and relabelling, as array ops
     v = w_smem[...]
-    if code in ("e4m3", "e5m2"):
-      v = lax.bitcast_convert_type(v, jnp.float8_e4m3fn if code == "e4m3" else jnp.float8_e5m2)
-    elif code == "e2m1" or six:
-      name = {"e2m1": "float4_e2m1fn", "e2m3": "float6_e2m3fn", "e3m2": "float6_e3m2fn"}[code]
+    if code in _FP8:
+      v = lax.bitcast_convert_type(v, jnp.dtype(_CODE_ELEMENTS[code]))
+    elif code in _CODE_ELEMENTS:
       v = packing.unpack(v, 6, axis=1) if six else v.astype(jnp.int32) & 15
-      v = elements.decode(v, ELEMENTS[name])
+      v = elements.decode(v, ELEMENTS[_CODE_ELEMENTS[code]])
     v = v.astype(jnp.bfloat16)
-    a = v if code in ("e4m3", "e5m2") else _relabel_k(v, axis=1)
+    a = v if code in _FP8 else _relabel_k(v, axis=1)
     return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
   part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
   if six:  # loaded by the threads themselves: no register layout holds 6-bit codes
     return plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[part] * (box // width))(
         functools.partial(_six_bit_pairs, code=code, width=width))(w_smem)
-  layout = plgpu.Layout.WGMMA if code in ("e4m3", "e5m2") else plgpu.Layout.WGMMA_UPCAST_4X
+  layout = plgpu.Layout.WGMMA if code in _FP8 else plgpu.Layout.WGMMA_UPCAST_4X
   codes = plgpu.load(w_smem, None, layout=layout)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
       functools.partial(_code_pairs, code=code, width=width))(codes)
@@ -262,7 +263,7 @@ def _code_pairs(_, codes, *, code: str, width: int):
   def asm(word, ptx):
     return utils.bitcast(llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + ptx + " }", "=r,r"), pair)
 
-  if code in ("e4m3", "e5m2"):
+  if code in _FP8:
     i16 = ir.IntegerType.get_signless(16)
     ptx = _byte_pair_ptx(code)
     out = np.empty(codes.registers.shape, dtype=object)
@@ -341,7 +342,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   ni, mi = (pid % n_tiles, pid // n_tiles) if m_tiles > 1 else (pid, 0)
   si = _backend.program_id(1, backend=backend)
   k0 = si * steps
-  six = code in ("e2m3", "e3m2")
+  six = code in _FP6
   bits = 6 if six else jnp.iinfo(w_gmem.dtype).bits
   # Code columns per TMA box: 128-byte rows (the widest swizzle) where a step holds whole ones, else 128; 6-bit
   # codes, whose threads load their own bytes (`_six_bit_pairs`), in one unswizzled box per step.

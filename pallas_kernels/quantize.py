@@ -126,7 +126,7 @@ _CODE_BIAS = 150 << 23
 _WORD_BIAS = (_CODE_BIAS * 0x11111111 + 2 ** 31) % 2 ** 32 - 2 ** 31
 
 
-def _float_codes(y, el: ElementType, sign=None, biased: bool = False, backend: str = "interpret"):
+def _float_codes(y, el: ElementType, *, backend: str, sign=None, biased: bool = False):
   """`elements.encode(elements.round_to_grid(y, el), el)` in one pass, as int32; the sign bit is that of `sign`
   (default y). `biased`: elements of up to three binades keep `_CODE_BIAS` added (`_pack_nibbles` removes it once
   per word instead of once per element).
@@ -235,11 +235,12 @@ def _pack_nibbles(codes, ok):
 
 
 def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
-  x_ref, *g_ref, d_ref, s_ref = refs[:4 if fmt.rule == "nvfp4" else 3]
-  if fmt.tensor_scale:  # the first program copies g to its output (`quantize_rows`)
+  n_in = 2 if fmt.rule == "nvfp4" else 1  # x, and g for NVFP4-rule formats (`_with_tensor_scale`)
+  (x_ref, *g_ref), (d_ref, s_ref, *g_out) = refs[:n_in], refs[n_in:]
+  if g_out:  # formats with a tensor scale: the first program copies g to its output (`quantize_rows`)
     @pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0))
     def _():
-      refs[4][...] = g_ref[0][...]
+      g_out[0][...] = g_ref[0][...]
   br, ct = x_ref.shape
   el, block = fmt.element_type, (ct if fmt.block is None else fmt.block[0])
   nb = ct // block
