@@ -12,6 +12,7 @@ from jax import lax
 
 from lowbit_jax import dispatch, xla
 from lowbit_jax.formats import Format, get_format
+from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize, quantize
 
@@ -31,7 +32,7 @@ def _check(lhs, rhs, dimension_numbers):
       raise ValueError(f"dot_general: lhs dimension {a} has size {lhs.shape[a]} but rhs dimension {b} has "
                        f"size {rhs.shape[b]}; contracting and batch sizes must agree.")
   for name, op, dims in (("lhs", lhs, lc), ("rhs", rhs, rc)):
-    if isinstance(op, QArray):
+    if isinstance(op, (QArray, PreparedWeight)):
       if op.format.block is not None and not set(op.blocked_axes) & set(dims):
         raise ValueError(f"dot_general: {name} is a QArray blocked along axis {op.axis}, which is not a "
                          f"contracting dimension {tuple(dims)}; quantize it along its contraction axis.")
@@ -45,8 +46,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   """`lax.dot_general` where either operand may be a QArray blocked along a contracting dimension.
 
   With a float `lhs` (bf16/f16/f32, any leading dimensions) and a quantized weight `rhs` of shape (K, N), or
-  K-major (N, K) contracted on its axis 1, this is a weight-only matmul: on an NVIDIA GPU a Pallas kernel decodes
-  the packed weights in registers; elsewhere the weights are dequantized and XLA's dot runs. With both operands
+  K-major (N, K) contracted on its axis 1 (a QArray, or a `PreparedWeight` from `lowbit_jax.prepare`), this is a
+  weight-only matmul: on an NVIDIA GPU a Pallas kernel decodes the packed weights in registers; elsewhere the
+  weights are dequantized and XLA's dot runs. With both operands
   quantized it is the OCP dot of the two (exact products, float32 accumulation; `lowbit_jax.xla`). The result has
   `lhs`'s (logical) dtype unless `preferred_element_type` says otherwise. Its signature matches
   `lax.dot_general`, so it can be handed to `flax.nnx.Linear(dot_general=...)`.
@@ -68,9 +70,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   """
   if not isinstance(lhs, QArray):
     lhs = jnp.asarray(lhs)
-  if not isinstance(rhs, QArray):
+  if not isinstance(rhs, (QArray, PreparedWeight)):
     rhs = jnp.asarray(rhs)
   _check(lhs, rhs, dimension_numbers)
+  if isinstance(rhs, PreparedWeight) and (isinstance(lhs, QArray) or act_format is not None):
+    rhs = rhs.canonical()  # only the weight-only kernel reads the prepared order
   if act_format is not None:
     if isinstance(lhs, QArray):
       raise ValueError("dot_general: act_format quantizes a float lhs, but lhs is already a QArray.")
@@ -82,7 +86,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                           preferred_element_type, backend)
   if grad_format is not None:
     raise ValueError("dot_general: grad_format applies with act_format (the quantized-forward custom VJP).")
-  if not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
+  if not isinstance(lhs, QArray) and not isinstance(rhs, (QArray, PreparedWeight)):
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   m = math.prod(lhs.shape[:-1])
   if (isinstance(lhs, QArray) and isinstance(rhs, QArray) and xla.blocks_exact_in_bf16(lhs)
@@ -95,12 +99,14 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return xla.times_tensor_scales(y, ga, gw).astype(preferred_element_type or lhs.dtype)
   impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m)
   if impl == "xla":
+    if isinstance(rhs, PreparedWeight):
+      rhs = rhs.canonical()
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   out_dtype = preferred_element_type or lhs.dtype
   if isinstance(lhs, QArray):
     return _pair_kernel(lhs, rhs, dimension_numbers, impl, out_dtype)
   x2 = lhs.reshape(m, lhs.shape[-1])
-  if rhs.axis == 1:  # K-major (N, K) weights: the Mosaic GPU kernel
+  if rhs.axis == 1:  # K-major (N, K) weights, canonical or prepared: the Mosaic GPU kernel
     from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
     y = dequant_gemv(x2, rhs, out_dtype=out_dtype, backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
     return y.reshape(lhs.shape[:-1] + (rhs.shape[0],))

@@ -11,6 +11,7 @@ import numpy as np
 
 from lowbit_jax import elements, hqq, packing, scale_search, scales
 from lowbit_jax.formats import Format, get_format
+from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 
 __all__ = ["quantize", "dequantize"]
@@ -316,8 +317,8 @@ def _check_tensor_scale(g, fmt: Format):
   return g
 
 
-def dequantize(q: QArray, dtype=None) -> jax.Array:
-  """The values a QArray stands for, as an array of its logical shape.
+def dequantize(q: QArray | PreparedWeight, dtype=None) -> jax.Array:
+  """The values a QArray (or a `PreparedWeight`) stands for, as an array of its logical shape.
 
   Computes in float32 (MX: q * 2^e; NVFP4: (q * s_b) * g; integers: s * (q - z); block FP8: q * s) and casts
   to `dtype` (default: the dtype that was quantized).
@@ -327,6 +328,8 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   >>> lb.dequantize(q, jnp.float32)
   Array([0., 1., 2., 3., 4., 5., 6., 7.], dtype=float32)
   """
+  if isinstance(q, PreparedWeight):
+    q = q.canonical()
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize: q must be a QArray (from lowbit_jax.quantize), got {type(q).__name__}.")
   dtype = q.dtype if dtype is None else np.dtype(dtype)

@@ -40,10 +40,12 @@ from jax.experimental import pallas as pl
 
 from lowbit_jax import elements, packing
 from lowbit_jax.formats import ELEMENTS, Format
+from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
-__all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "smem_bytes", "supports"]
+__all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "kernel_order", "smem_bytes",
+           "supports"]
 
 # Float element types by the name of their code in `_widen`, and back.
 _FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float6_e2m3fn": "e2m3", "float6_e3m2fn": "e3m2", "float8_e4m3fn": "e4m3",
@@ -122,13 +124,25 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
   return None
 
 
-def _relabel_k(a: jax.Array, axis: int) -> jax.Array:
+def _relabel_k(a: jax.Array, axis: int, inverse: bool = False) -> jax.Array:
   """`a` with `axis` (a multiple of 32) reordered the way `_widen` lays out an int4 tile: within every 32, logical
-  position 8j + 2t + e holds physical position 8t + 4e + j (j, t < 4; e < 2)."""
+  position 8j + 2t + e holds physical position 8t + 4e + j (j, t < 4; e < 2). `inverse` undoes it."""
   a = jnp.moveaxis(a, axis, 0)
   k, rest = a.shape[0], a.shape[1:]
-  a = a.reshape(k // 32, 4, 2, 4, *rest).transpose(0, 3, 1, 2, *range(4, 4 + len(rest)))
+  perm = (0, 2, 3, 1) if inverse else (0, 3, 1, 2)
+  a = a.reshape(k // 32, 4, 4, 2, *rest) if inverse else a.reshape(k // 32, 4, 2, 4, *rest)
+  a = a.transpose(*perm, *range(4, 4 + len(rest)))
   return jnp.moveaxis(a.reshape(k, *rest), 0, axis)
+
+
+def kernel_order(data: jax.Array, bits: int, *, inverse: bool = False) -> jax.Array:
+  """Packed (N, K') codes of `bits`-bit elements, stored canonically along axis 1 (REFERENCE section 3), from the
+  kernel's storage order (`inverse`: into it; `lowbit_jax.prepare`). 4- and 6-bit codes are permuted within every
+  32 along K so that the codes `_widen` places at register column c are the weight's column c: stored position
+  8t + 4e + j holds column 8j + 2t + e. 8-bit codes are read in order: unchanged."""
+  if bits == 8:
+    return data
+  return packing.pack(_relabel_k(packing.unpack(data, bits, axis=1), axis=1, inverse=inverse), bits, axis=1)
 
 
 def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
@@ -332,7 +346,7 @@ def _scale_window(dtype, blocks: int) -> int:
 
 
 def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, steps: int, groups: int, stages: int,
-            tiles: int, wgs: int, mp: int, n_tiles: int, m_tiles: int, backend: str):
+            tiles: int, wgs: int, mp: int, n_tiles: int, m_tiles: int, prepared: bool, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   # Grid axis 0 runs over (activation row tile, weight row tile), weight tiles fastest (programs launched together
@@ -364,9 +378,11 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
     # This step's first scale column in its TMA window of `win` columns (0 where a window is one step's blocks).
     first = 0 if win == blocks else (k0 + idx[0]) * blocks % win
-    if per > 1:  # blocks of 16: relabelled column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`)
+    if per > 1:  # blocks of 16: register column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`),
+      # or with prepared weights (codes stored in register order) of block c // 16
       col = lax.broadcasted_iota(jnp.int32, (_BN, width), 1)
-      first_block = (col if interpret else plgpu.layout_cast(col, plgpu.Layout.WGMMA)) % 8 < 4
+      col = col if interpret else plgpu.layout_cast(col, plgpu.Layout.WGMMA)
+      first_block = col < 16 if prepared else col % 8 < 4
     for rows, acc_ref in tiles:
       for b, w_smem in enumerate(w_smems):
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret)):
@@ -467,14 +483,16 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     plgpu.wait_smem_to_gmem(0)
 
 
-def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mosaic",
+def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, backend: str = "mosaic",
                  config: Config | None = None) -> jax.Array:
-  """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1; float32 accumulation.
+  """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1, or the same weight prepared
+  (`lowbit_jax.prepare`: codes stored in the kernel's order, so x is not permuted per call); float32 accumulation.
 
   Returns (M, N) in `out_dtype` (default x.dtype). `backend`: "mosaic" (Hopper GPUs) or "mosaic_interpret" (the
   Mosaic GPU interpreter, any device).
   """
   fmt = w.format
+  prepared = isinstance(w, PreparedWeight)
   if w.ndim != 2 or w.axis != 1:
     raise ValueError(f"dequant_gemv: w must be a 2-D QArray blocked along axis 1 (K-major), got {w}.")
   n, k = w.shape
@@ -503,7 +521,7 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
     data = lax.bitcast_convert_type(w.data, jnp.int4).reshape(n, k)
   else:  # (6-bit codes: four per three bytes, as stored)
     data = w.data if bits == 6 else lax.bitcast_convert_type(w.data, jnp.int8)
-  if bits < 8:
+  if bits < 8 and not prepared:
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4- and 6-bit codes
   code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
   if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)
@@ -516,7 +534,8 @@ def dequant_gemv(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "mos
   mt = -(-m // r)  # activation row tiles
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
-                             tiles=cfg.tiles, wgs=cfg.wgs, mp=r, n_tiles=n // bn, m_tiles=mt, backend=backend)
+                             tiles=cfg.tiles, wgs=cfg.wgs, mp=r, n_tiles=n // bn, m_tiles=mt, prepared=prepared,
+                             backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
   # more than one row tile). A single K split writes the result (NVFP4's g applied, in out_dtype); more write
   # float32 partials that XLA sums.

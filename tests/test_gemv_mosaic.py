@@ -38,10 +38,11 @@ def _exact_weights_dot(x, w):
   return jnp.dot(x.astype(jnp.float32), lb.dequantize(w, dtype).astype(jnp.float32).T, precision="highest")
 
 
-def _kernel_equals_exact_dot(x, w, config=None):
+def _kernel_equals_exact_dot(x, w, config=None, prepared=False):
   """The kernel's float32 output (the Mosaic GPU interpreter off a Hopper GPU) against `_exact_weights_dot`: only the
-  float32 summation order may differ, so the tolerance is far below a bfloat16 ulp of the weights."""
-  y = dequant_gemv(x, w, out_dtype=jnp.float32, backend=MOSAIC, config=config)
+  float32 summation order may differ, so the tolerance is far below a bfloat16 ulp of the weights. `prepared`: the
+  kernel reads `lb.prepare(w)`."""
+  y = dequant_gemv(x, lb.prepare(w) if prepared else w, out_dtype=jnp.float32, backend=MOSAIC, config=config)
   ref = _exact_weights_dot(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
   return y
@@ -62,6 +63,15 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
   # Odd `groups` take the int4 codes in 64-byte boxes, even ones in 128-byte boxes of two slices.
   x, w = _operands(3, 128, 512, "int4_g128_sym", seed=7)
   _kernel_equals_exact_dot(x, w, Config(split=split, groups=groups, stages=2, tiles=tiles, wgs=wgs))
+
+
+@pytest.mark.parametrize("fmt,m,cfg", [("int4_g128_sym", 1, None), ("int4_g32_sym", 40, None), ("nvfp4", 1, None),
+                                        ("nvfp4", 40, None), ("mxfp4", 9, Config(split=2, groups=1, stages=2)),
+                                        ("mxfp6_e2m3", 16, None), ("mxfp8_e4m3", 1, None)])
+def test_prepared_weights(fmt, m, cfg):
+  # Codes stored in the kernel's order (lb.prepare): the activations are read unpermuted, and NVFP4's blocks of 16
+  # are picked by the register column itself (one and two warpgroups, split-K).
+  _kernel_equals_exact_dot(*_operands(m, 128, 512, fmt, seed=m + 20), cfg, prepared=True)
 
 
 def test_default_configs_fit_shared_memory():
@@ -154,6 +164,14 @@ def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):
   f = jax.jit(lambda x, w: dequant_gemv(x, w, backend="mosaic"))
   text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6_e3m2"])
+def test_gpu_code_lowers_with_prepared_weights(fmt, monkeypatch):
+  monkeypatch.setattr(backend, "POISON", False)
+  x, w = _operands(9, 256, 512, fmt)
+  f = jax.jit(lambda x, w: dequant_gemv(x, w, backend="mosaic"))
+  assert "mosaic_gpu" in f.trace(x, lb.prepare(w)).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
