@@ -2,7 +2,8 @@
 
 A QArray is a pytree, so orbax stores its packed data and scales as ordinary arrays (float8 scales included) and
 the format, block axis and shape come back from the target's structure: a restored model runs with no
-re-quantization. The target is an nnx Module, typically abstract (`nnx.eval_shape` of a function that builds
+re-quantization. A `PreparedWeight` is saved as its canonical QArray (the saved form does not depend on a GPU
+kernel's layout) and prepared again on restore where the target holds one. The target is an nnx Module, typically abstract (`nnx.eval_shape` of a function that builds
 and quantizes the model, which computes no weights), or any pytree such as linen variables.
 """
 
@@ -14,6 +15,8 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from lowbit_jax.prepared import PreparedWeight, canonical, prepare
 
 __all__ = ["save", "restore", "disk_bytes"]
 
@@ -31,6 +34,8 @@ def save(directory: str | os.PathLike, model: Any, *, force: bool = False) -> in
   Example:
     >>> import tempfile, jax.numpy as jnp
     >>> from flax import nnx
+
+from lowbit_jax.prepared import PreparedWeight, canonical, prepare
     >>> from lowbit_jax import checkpoint
     >>> from lowbit_jax.flax import QLinear
     >>> make = lambda: QLinear(256, 256, weight_format="mxfp4", rngs=nnx.Rngs(0))
@@ -42,7 +47,7 @@ def save(directory: str | os.PathLike, model: Any, *, force: bool = False) -> in
   """
   directory = os.path.abspath(os.fspath(directory))
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory, _state(model), force=force)
+    ckptr.save(directory, canonical(_state(model)), force=force)
     ckptr.wait_until_finished()
   return disk_bytes(directory)
 
@@ -57,9 +62,14 @@ def restore(directory: str | os.PathLike, target: T) -> T:
   """
   directory = os.path.abspath(os.fspath(directory))
   state = _state(target)
+  is_prepared = lambda x: isinstance(x, PreparedWeight)
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+  if any(map(is_prepared, jax.tree_util.tree_leaves(state, is_leaf=is_prepared))):
+    abstract = jax.eval_shape(canonical, abstract)  # (what was saved: the canonical QArrays)
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(directory, abstract)
+  restored = jax.tree_util.tree_map(lambda t, r: prepare(r) if is_prepared(t) else r, state, restored,
+                                    is_leaf=is_prepared)
   if isinstance(target, nnx.Module):
     graphdef, _ = nnx.split(target)
     return nnx.merge(graphdef, restored)

@@ -9,7 +9,7 @@ QArray(mxfp4, shape=(32, 8), axis=0, dtype=float32)
 
 from lowbit_jax.flax import linen
 from lowbit_jax.flax.nnx import (LayerReport, QEinsum, QEmbed, QLinear, QLinearGeneral, QParam, QuantizeReport,
-                                 quantize_model, weight_bytes)
+                                 prepare_model, quantize_model, weight_bytes)
 
 __all__ = ["LayerReport", "QEinsum", "QEmbed", "QLinear", "QLinearGeneral", "QParam", "QuantizeReport", "linen",
-           "quantize_model", "weight_bytes"]
+           "prepare_model", "quantize_model", "weight_bytes"]

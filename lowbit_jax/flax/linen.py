@@ -23,10 +23,11 @@ from lowbit_jax.fake_quant import fake_quant
 from lowbit_jax.flax.nnx import _einsum_labels, _format
 from lowbit_jax.formats import Format
 from lowbit_jax.ops import dot_general, einsum
+from lowbit_jax.prepared import prepare, unpreparable
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import quantize
 
-__all__ = ["COLLECTION", "KernelPlaceholder", "QDotGeneral", "QEinsum", "quantize_params"]
+__all__ = ["COLLECTION", "KernelPlaceholder", "QDotGeneral", "QEinsum", "prepare_variables", "quantize_params"]
 
 COLLECTION = "quantized"
 
@@ -203,3 +204,22 @@ def quantize_params(model: nn.Module, variables: dict, *args, method: Any = None
         flat_p[cand] = KernelPlaceholder(p.shape, p.dtype)
         break
   return {**variables, "params": traverse_util.unflatten_dict(flat_p), COLLECTION: quantized}
+
+
+def prepare_variables(variables: dict) -> dict:
+  """`variables` with the K-major kernels of the "quantized" collection (`QDotGeneral(k_major=True)`) that the
+  Mosaic GPU decode kernel takes stored as `lowbit_jax.PreparedWeight`s (codes re-ordered once for it; the same
+  values). Checkpoints store them as canonical QArrays (`lowbit_jax.checkpoint`).
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn
+    >>> from lowbit_jax.flax.linen import QDotGeneral, prepare_variables, quantize_params
+    >>> dense = nn.Dense(64, dot_general_cls=functools.partial(QDotGeneral, weight_format="mxfp4", k_major=True))
+    >>> x = jnp.ones((1, 128))
+    >>> variables = prepare_variables(quantize_params(dense, dense.init(jax.random.key(0), x), x))
+    >>> variables["quantized"]["QDotGeneral_0"]["kernel"]
+    PreparedWeight(mxfp4, shape=(64, 128), dtype=float32)
+  """
+  quantized = jax.tree_util.tree_map(lambda q: prepare(q) if unpreparable(q) is None else q, variables[COLLECTION],
+                                     is_leaf=lambda x: isinstance(x, QArray))
+  return {**variables, COLLECTION: quantized}

@@ -34,11 +34,12 @@ from flax.nnx.nn.linear import default_bias_init, default_embed_init, default_ke
 from lowbit_jax.fake_quant import fake_quant
 from lowbit_jax.formats import Format, get_format
 from lowbit_jax.ops import dot_general, einsum
+from lowbit_jax.prepared import PreparedWeight, prepare, unpreparable
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize, quantize
 
-__all__ = ["QParam", "QLinear", "QLinearGeneral", "QEinsum", "QEmbed", "quantize_model", "QuantizeReport",
-           "LayerReport", "weight_bytes"]
+__all__ = ["QParam", "QLinear", "QLinearGeneral", "QEinsum", "QEmbed", "quantize_model", "prepare_model",
+           "QuantizeReport", "LayerReport", "weight_bytes"]
 
 _EMPTY = MappingProxyType({})
 
@@ -113,7 +114,7 @@ class _QLayer(nnx.Module):
     if act is None:
       x = self._activation(x)
     w = self._weight(0, x.dtype)
-    k_axis = w.axis if isinstance(w, QArray) else 0  # a QAT kernel is the float (in, out) one
+    k_axis = w.axis if isinstance(w, (QArray, PreparedWeight)) else 0  # a QAT kernel is the float (in, out) one
     return dot_general(x, w, (((x.ndim - 1,), (k_axis,)), ((), ())), precision=self.precision,
                        preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
                        backend=self.backend, act_format=act)
@@ -419,7 +420,7 @@ def _contraction_length(layer) -> int:
 
 
 def _nbytes(x) -> int:
-  if isinstance(x, QArray):
+  if isinstance(x, (QArray, PreparedWeight)):
     return sum(_nbytes(c) for c in jax.tree_util.tree_leaves(x))
   return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
 
@@ -427,7 +428,8 @@ def _nbytes(x) -> int:
 def weight_bytes(model: nnx.Module) -> int:
   """Bytes held by a model's parameters (`nnx.Param` and `QParam`), quantized ones at their storage size."""
   state = nnx.state(model, nnx.Any(nnx.Param, QParam))
-  return sum(_nbytes(v) for v in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, QArray)))
+  return sum(_nbytes(v) for v in jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, (QArray, PreparedWeight))))
 
 
 @dataclasses.dataclass
@@ -623,3 +625,30 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
   if verbose:
     print(result, file=sys.stderr)
   return result
+
+
+def prepare_model(model: nnx.Module) -> list[str]:
+  """Stores, in place, the K-major kernels of a model's `QLinear` / `QLinearGeneral` layers (`k_major=True`) as
+  `lowbit_jax.PreparedWeight`s: codes re-ordered once for the Mosaic GPU decode kernel, so no call permutes its
+  activations (the layers compute the same values). Kernels the kernel's layout does not take stay QArrays.
+  Checkpoints still store the canonical QArrays (`lowbit_jax.checkpoint`). Returns the paths of the layers
+  prepared.
+
+  Example:
+    >>> from flax import nnx
+    >>> from lowbit_jax.flax import QLinear, prepare_model
+    >>> class MLP(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.up = QLinear(128, 256, weight_format="int4_g128_sym", k_major=True, rngs=rngs)
+    >>> model = MLP(nnx.Rngs(0))
+    >>> prepare_model(model), model.up.kernel.get_value()
+    (['up'], PreparedWeight(int4_g128_sym, shape=(256, 128), dtype=float32))
+  """
+  done = []
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, (QLinear, QLinearGeneral)) and node.k_major and not node.qat:
+      w = node.kernel.get_value()
+      if unpreparable(w) is None:
+        node.kernel.set_value(prepare(w))
+        done.append(_path_str(path))
+  return done

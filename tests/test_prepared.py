@@ -1,0 +1,134 @@
+"""Prepared K-major weights (`lb.prepare`): the stored order against a numpy statement of it, the round trip to the
+canonical QArray, every path of `lb.dot_general` against the canonical weight, the Flax helpers and checkpoints.
+(The kernel on prepared weights: tests/test_gemv_mosaic.py.)"""
+
+import functools
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lowbit_jax as lb
+from lowbit_jax import checkpoint, dispatch
+from lowbit_jax.flax import QLinear, QLinearGeneral, prepare_model, quantize_model
+from lowbit_jax.flax.linen import QDotGeneral, prepare_variables, quantize_params
+
+DN = (((1,), (1,)), ((), ()))
+FORMATS = ["int4_g128_sym", "int4_g32_sym", "mxfp4", "nvfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3",
+           "int8_channel_sym"]
+
+
+def _weight(fmt, n=128, k=256, seed=0):
+  return lb.quantize(jax.random.normal(jax.random.key(seed), (n, k), jnp.float32), fmt, axis=1)
+
+
+def _codes(data: np.ndarray, bits: int) -> np.ndarray:
+  """Element codes along axis 1 of packed bytes (REFERENCE section 3), in numpy."""
+  data = data.astype(np.uint32)
+  if bits == 4:  # two per byte, low nibble first
+    return np.stack([data & 15, data >> 4], axis=-1).reshape(data.shape[0], -1)
+  if bits == 6:  # four per three bytes: a little-endian 24-bit word, code i at bit 6i
+    b = data.reshape(data.shape[0], -1, 3)
+    word = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16
+    return np.stack([(word >> (6 * i)) & 63 for i in range(4)], axis=-1).reshape(data.shape[0], -1)
+  return data
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stored_order_and_round_trip(fmt):
+  # Stored position 8t + 4e + j of every 32 along K holds weight column 8j + 2t + e (j, t < 4; e < 2): the
+  # column the Mosaic kernel's register layout gives that code. 8-bit codes are stored as they are.
+  w = _weight(fmt)
+  p = lb.prepare(w)
+  bits = w.format.element_type.bits
+  want = _codes(np.asarray(w.data).view(np.uint8), bits)
+  if bits < 8:
+    col = np.array([8 * j + 2 * t + e for t in range(4) for e in range(2) for j in range(4)])  # by stored position
+    want = want.reshape(want.shape[0], -1, 32)[:, :, col].reshape(want.shape)
+  np.testing.assert_array_equal(_codes(np.asarray(p.data).view(np.uint8), bits), want)
+  assert p.shape == w.shape and p.format == w.format and p.dtype == w.dtype and p.nbytes == w.nbytes
+  c = p.canonical()
+  assert jax.tree_util.tree_structure(c) == jax.tree_util.tree_structure(w)
+  for a, b in zip(jax.tree_util.tree_leaves(c), jax.tree_util.tree_leaves(w)):
+    np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+  np.testing.assert_array_equal(np.asarray(lb.dequantize(p)), np.asarray(lb.dequantize(w)))
+  assert lb.prepare(p) is p
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6_e2m3", "int4_g32_sym"])
+def test_dot_general_paths_match_the_canonical_weight(fmt):
+  # On this machine: the XLA reference (bitwise the canonical weight's), leading dims under jit, the kernel's
+  # math (interpret), quantized activations and act_format (which read the canonical weight).
+  w = _weight(fmt, seed=1)
+  p = lb.prepare(w)
+  x = jax.random.normal(jax.random.key(2), (2, 3, 256), jnp.float32).astype(jnp.bfloat16)
+  dn = (((2,), (1,)), ((), ()))
+  f = jax.jit(lambda x, w: lb.dot_general(x, w, dn))
+  np.testing.assert_array_equal(np.asarray(f(x, p)), np.asarray(f(x, w)))
+  y = lb.dot_general(x, p, dn, backend="interpret", preferred_element_type=jnp.float32)
+  y0 = lb.dot_general(x, w, dn, backend="interpret", preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(y0))))
+  qa = lb.quantize(x, "mxfp8_e4m3", axis=-1)
+  np.testing.assert_array_equal(np.asarray(lb.dot_general(qa, p, dn)), np.asarray(lb.dot_general(qa, w, dn)))
+  np.testing.assert_array_equal(np.asarray(lb.dot_general(x, p, dn, act_format="mxfp8_e4m3")),
+                                np.asarray(lb.dot_general(x, w, dn, act_format="mxfp8_e4m3")))
+  assert dispatch.choose(None, x, p, dn, 6) == dispatch.choose(None, x, w, dn, 6)
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="K-major"):
+    lb.prepare(lb.quantize(jnp.ones((256, 128)), "mxfp4", axis=0))
+  with pytest.raises(ValueError, match="mxint8"):
+    lb.prepare(_weight("mxint8"))
+  with pytest.raises(ValueError, match="multiples of 64"):
+    lb.prepare(_weight("mxfp4", n=96))
+  with pytest.raises(TypeError, match="must be a QArray"):
+    lb.prepare(jnp.ones((64, 128)))
+  with pytest.raises(ValueError, match="not a contracting dimension"):
+    lb.dot_general(jnp.ones((2, 128), jnp.bfloat16), lb.prepare(_weight("mxfp4")), (((1,), (0,)), ((), ())))
+
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(128, 256, rngs=rngs)
+    self.gen = nnx.LinearGeneral(256, (2, 64), rngs=rngs)
+    self.head = nnx.Linear(128, 96, rngs=rngs)  # (96 rows: not a layout the kernel takes; stays a QArray)
+
+  def __call__(self, x):
+    return self.head(self.gen(self.up(x)).reshape(x.shape[:-1] + (128,)))
+
+
+def _mlp(prepared: bool):
+  m = _MLP(nnx.Rngs(0))
+  quantize_model(m, {".*": "int4_g32_sym"}, k_major=True, verbose=False)
+  return (m, prepare_model(m)) if prepared else (m, [])
+
+
+def test_nnx_prepare_model_and_checkpoint():
+  (m, paths), (m0, _) = _mlp(True), _mlp(False)
+  assert paths == ["gen", "up"] and isinstance(m.up.kernel.get_value(), lb.PreparedWeight)
+  assert isinstance(m.head.kernel.get_value(), lb.QArray)
+  x = jax.random.normal(jax.random.key(3), (3, 128), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(m, x)), np.asarray(m0(x)))
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoint.save(f"{tmp}/c", m)  # the canonical QArrays: a model that was never prepared restores them
+    canon = checkpoint.restore(f"{tmp}/c", nnx.eval_shape(lambda: _mlp(False)[0]))
+    again = checkpoint.restore(f"{tmp}/c", nnx.eval_shape(lambda: _mlp(True)[0]))
+  assert isinstance(canon.up.kernel.get_value(), lb.QArray)
+  np.testing.assert_array_equal(np.asarray(canon.up.kernel.get_value().data), np.asarray(m0.up.kernel.get_value().data))
+  assert isinstance(again.up.kernel.get_value(), lb.PreparedWeight)
+  np.testing.assert_array_equal(np.asarray(again.up.kernel.get_value().data), np.asarray(m.up.kernel.get_value().data))
+  np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(m0(x)))
+
+
+def test_linen_prepare_variables():
+  dense = nn.Dense(64, dot_general_cls=functools.partial(QDotGeneral, weight_format="mxfp6_e2m3", k_major=True))
+  x = jax.random.normal(jax.random.key(4), (2, 128), jnp.float32)
+  variables = quantize_params(dense, dense.init(jax.random.key(0), x), x)
+  prepared = prepare_variables(variables)
+  assert isinstance(prepared["quantized"]["QDotGeneral_0"]["kernel"], lb.PreparedWeight)
+  np.testing.assert_array_equal(np.asarray(dense.apply(prepared, x)), np.asarray(dense.apply(variables, x)))
