@@ -8,7 +8,8 @@ of issue 4 is >= 2.5x bf16 decode tokens/s at batch 1 with mxfp4 or int4 weights
 its linear layers replaced by zeros: the rest of the step, which bounds what any weight format can gain.
 
 A format named with "+kmajor" (int4_g128_sym+kmajor) holds the linear layers' kernels (out, in): the layout of
-the Mosaic GPU decode kernel (Hopper, int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights).
+the Mosaic GPU decode kernel (Hopper, int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights); "+prepared" also stores
+them in the kernel's register order (`lowbit_jax.flax.prepare_model`), so no call permutes its activations.
 
 Usage (from the repository root):
   PYTHONPATH=. python benchmarks/e2e_decode.py [--formats mxfp4,int4_g128_sym+kmajor,...] [--batches 1,8]
@@ -29,7 +30,8 @@ from benchmarks.common import header
 from examples.lm import Config, Transformer, decode_tokens_per_s, quantized_copy
 from lowbit_jax.flax import weight_bytes
 
-FORMATS = "mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym,int4_g32_sym,int4_g128_sym+kmajor,int8_channel_sym+kmajor"
+FORMATS = ("mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym,int4_g32_sym,int4_g128_sym+kmajor,int4_g128_sym+prepared,"
+           "int8_channel_sym+kmajor")
 CONFIG_1B = Config(vocab=32000, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn=8192)
 CONFIG_TINY = Config(vocab=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn=256)
 
@@ -82,7 +84,8 @@ def main() -> None:
       m = without_matmuls(model)
     else:
       fmt, _, layout = name.partition("+")
-      m = quantized_copy(model, {".*": fmt}, backend=a.backend, k_major=layout == "kmajor")
+      m = quantized_copy(model, {".*": fmt}, backend=a.backend, k_major=layout == "kmajor",
+                         prepared=layout == "prepared")
     mib = weight_bytes(m) / 2**20
     for b in batches:
       prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab)

@@ -10,6 +10,7 @@ Usage:
   python benchmarks/matmul.py --sweep 16:64:256:4:4,16:128:128:4:3 ...   # time kernel tile configs instead
   python benchmarks/matmul.py --pairs int8_channel_sym:int8_channel_sym,mxfp8_e4m3:mxfp8_e4m3 --ms 2048,8192
   python benchmarks/matmul.py --k-major --ms 1,16,64 [--sweep 2:2:4:2,4:2:4:1]  # K-major weights: the Mosaic kernel
+  python benchmarks/matmul.py --k-major --prepared ...   # the same, on weights from lb.prepare
 Shapes are N x K (output features x input features). `--pairs act:weight,...` times matmuls with both operands
 quantized: pre-quantized, and with the activation quantized inside the call (`act_format`), against XLA bf16.
 """
@@ -70,6 +71,7 @@ def main() -> None:
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
   p.add_argument("--pairs", default="", help="act:weight format pairs, comma-separated (both operands quantized)")
   p.add_argument("--k-major", action="store_true", help="K-major (N, K) weights: the Mosaic GPU kernel")
+  p.add_argument("--prepared", action="store_true", help="with --k-major: the kernel reads lb.prepare's layout")
   args = p.parse_args()
   if args.pairs:
     return pairs(args)
@@ -124,7 +126,8 @@ def main() -> None:
 def k_major(args) -> None:
   """Weight-only with K-major (N, K) weights, the layout of the Mosaic GPU kernel: its time, fraction of
   the floor (as in `main`) and speed-ups over XLA bf16, XLA dequantize-then-dot and `lb.matmul` on the same weights
-  stored (K, N), all from this run. `--sweep split:groups:stages:tiles,...` times kernel configs instead."""
+  stored (K, N), all from this run. `--sweep split:groups:stages:tiles,...` times kernel configs instead;
+  `--prepared` times the kernel on `lb.prepare`d weights (no per-call permutation of the activations)."""
   bw = copy_bandwidth()
   print(header())
   print(f"device copy: {bw / 1e9:.0f} GB/s; floor = max(bytes / copy bandwidth, 2MNK / {BF16_PEAK / 1e12:.0f} "
@@ -139,12 +142,14 @@ def k_major(args) -> None:
     t_bf16 = time_calls(jnp.dot, xs, bf16_ws)
     for name in args.formats.split(","):
       qws = [lb.quantize(w.T, name, axis=1) for w in bf16_ws]
+      kws = [lb.prepare(q) for q in qws] if args.prepared else qws
+      label = name + (" (prepared)" if args.prepared else "")
       nbytes = qws[0].nbytes + 2 * m * k + 2 * m * n
       floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)
       bits = qws[0].format.element_type.bits
       for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k, m, bits)]:
         t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
-                       xs, qws)
+                       xs, kws)
         rest = ""
         if not sweep:
           t_x = time_calls(lambda x, w: lb.dot_general(x, w, dn, backend="xla"), xs, qws)
@@ -153,9 +158,9 @@ def k_major(args) -> None:
           rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
           del kn
         c = f"{cfg.split}:{cfg.groups}:{cfg.stages}:{cfg.tiles}:{cfg.wgs}"
-        print(f"| {name} | {m} | {n} | {k} | {c} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {floor / t:.2f} | "
+        print(f"| {label} | {m} | {n} | {k} | {c} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {floor / t:.2f} | "
               f"{t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
-      del qws
+      del qws, kws
 
 
 def pairs(args) -> None:

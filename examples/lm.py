@@ -36,7 +36,7 @@ from flax import nnx
 from jax import lax
 
 from lowbit_jax import checkpoint
-from lowbit_jax.flax import quantize_model, weight_bytes
+from lowbit_jax.flax import prepare_model, quantize_model, weight_bytes
 
 DEFAULT_FORMATS = "mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym"
 # Mixed precision by rules: attention in MXFP8, MLP in MXFP4, embedding and LM head left in bf16.
@@ -229,12 +229,16 @@ def agreement(ref_logits: jax.Array, logits: jax.Array) -> tuple[float, float]:
   return float(top1), float(kl)
 
 
-def quantized_copy(model: Transformer, rules, backend: str | None = None, k_major: bool = False) -> Transformer:
+def quantized_copy(model: Transformer, rules, backend: str | None = None, k_major: bool = False,
+                   prepared: bool = False) -> Transformer:
   """A copy of `model` (sharing its arrays) with `quantize_model(rules)` applied; `model` is unchanged.
-  `k_major` holds the linear layers' kernels (out, in), the layout of the Mosaic GPU decode kernel."""
+  `k_major` holds the linear layers' kernels (out, in), the layout of the Mosaic GPU decode kernel; `prepared`
+  also stores them in its register order (`prepare_model`)."""
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, state)
-  quantize_model(copy, rules, backend=backend, k_major=k_major, verbose=False)
+  quantize_model(copy, rules, backend=backend, k_major=k_major or prepared, verbose=False)
+  if prepared:
+    prepare_model(copy)
   return copy
 
 
@@ -252,8 +256,8 @@ def main() -> None:
   p.add_argument("--new", type=int, default=32, help="tokens generated per sequence")
   p.add_argument("--formats", default=DEFAULT_FORMATS, help="each applied to every linear layer and the embedding")
   p.add_argument("--skip", default="", help="regex of layers to leave in bf16 for the per-format rows, e.g. lm_head")
-  p.add_argument("--k-major", action="store_true", help="hold linear kernels (out, in): the Mosaic GPU decode "
-                 "kernel's layout (Hopper, int4 / int8)")
+  p.add_argument("--k-major", action="store_true", help="hold linear kernels (out, in), prepared for the Mosaic GPU "
+                 "decode kernel (Hopper); checkpoints store them canonical, restore prepares them again")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
   cfg = Config(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.head_dim, a.ffn)
@@ -277,8 +281,8 @@ def main() -> None:
   for name, rules in variants:
     # Quantize, save, and run the model restored from disk (into an abstract model: nothing is re-quantized).
     with tempfile.TemporaryDirectory() as tmp:
-      disk = checkpoint.save(f"{tmp}/ckpt", quantized_copy(model, rules, k_major=a.k_major))
-      abstract = nnx.eval_shape(lambda: quantized_copy(Transformer(cfg, nnx.Rngs(0)), rules, k_major=a.k_major))
+      disk = checkpoint.save(f"{tmp}/ckpt", quantized_copy(model, rules, prepared=a.k_major))
+      abstract = nnx.eval_shape(lambda: quantized_copy(Transformer(cfg, nnx.Rngs(0)), rules, prepared=a.k_major))
       m = checkpoint.restore(f"{tmp}/ckpt", abstract)
     logits = forward(*nnx.split(m), seq)
     tps, t_pre = decode_tokens_per_s(m, prompt, a.new)
