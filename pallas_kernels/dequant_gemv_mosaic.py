@@ -91,10 +91,15 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
   about 16 programs per SM (at most 16 ways): with 8 activation rows, many short programs beat two row tiles by
   5-14%, and a second warpgroup ran up to 31% slower. M = 17-32: the same, K split until about one 64-row tile per
   SM. M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256 rows), K split as
-  at 17-32, two slices per step at 64 rows and one above, as many stages (up to 4) as fit."""
+  at 17-32, two slices per step at 64 rows and one above, as many stages (up to 4) as fit.
+  Except at M <= 16 with at least one 64-row tile per SM and K <= 4096 (a decode step's wide layers): no split
+  and 2 stages, since there the pass that sums the partials costs more than splitting gains (H100, M = 1, weights
+  streamed from HBM: (16384, 2048) 9.0 us against 11.1, (32000, 2048) 15.5 against 18.2; BENCHMARKS.md)."""
   r = activation_rows(m)
   wgs = 2 if r > 32 and n % (2 * _BN) == 0 else 1
   groups = 1 if r > 64 or k % (2 * _TK) else 2
+  if r <= 16 and n // _BN >= 132 and k <= 4096:
+    return Config(split=1, groups=groups, stages=2)
   want = 16 * 132 if r <= 16 else 132  # 64-row tiles (per warpgroup) to aim for
   split = 1
   while n // _BN * -(-m // r) * split < want and split < 16 and k % (_TK * groups * split * 2) == 0:
