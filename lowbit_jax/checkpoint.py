@@ -3,8 +3,9 @@
 A QArray is a pytree, so orbax stores its packed data and scales as ordinary arrays (float8 scales included) and
 the format, block axis and shape come back from the target's structure: a restored model runs with no
 re-quantization. A `PreparedWeight` is saved as its canonical QArray (the saved form does not depend on a GPU
-kernel's layout) and prepared again on restore where the target holds one. The target is an nnx Module, typically abstract (`nnx.eval_shape` of a function that builds
-and quantizes the model, which computes no weights), or any pytree such as linen variables.
+kernel's layout) and prepared again on restore where the target holds one. The target is an nnx Module, typically
+abstract (`nnx.eval_shape` of a function that builds and quantizes the model, which computes no weights), or any
+pytree such as linen variables.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ def save(directory: str | os.PathLike, model: Any, *, force: bool = False) -> in
   Example:
     >>> import tempfile, jax.numpy as jnp
     >>> from flax import nnx
-
-from lowbit_jax.prepared import PreparedWeight, canonical, prepare
     >>> from lowbit_jax import checkpoint
     >>> from lowbit_jax.flax import QLinear
     >>> make = lambda: QLinear(256, 256, weight_format="mxfp4", rngs=nnx.Rngs(0))

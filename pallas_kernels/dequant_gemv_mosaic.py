@@ -17,7 +17,8 @@ the code tiles in boxes of 128-byte rows, the slices' rows of scales and the (R,
 shared memory; the scales come as stored, a 16-byte window of each row's (N, K / B) scales, and widen to bfloat16
 in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
-every 32 and the activations to match; FP6 the same order, from bytes each thread loads; FP8: a byte permute, shift
+every 32 and the activations to match, or with `lowbit_jax.prepare`d weights the codes stored in that order and
+the activations read as they are; FP6 the same order, from bytes each thread loads; FP8: a byte permute, shift
 and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the
 weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32.
 Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g applied); with it, float32
