@@ -142,13 +142,14 @@ def _relabel_k(a: jax.Array, axis: int, inverse: bool = False) -> jax.Array:
 
 
 def kernel_order(data: jax.Array, bits: int, *, inverse: bool = False) -> jax.Array:
-  """Packed (N, K') codes of `bits`-bit elements, stored canonically along axis 1 (REFERENCE section 3), from the
-  kernel's storage order (`inverse`: into it; `lowbit_jax.prepare`). 4- and 6-bit codes are permuted within every
-  32 along K so that the codes `_widen` places at register column c are the weight's column c: stored position
-  8t + 4e + j holds column 8j + 2t + e. 8-bit codes are read in order: unchanged."""
+  """Packed (..., N, K') codes of `bits`-bit elements, packed along the last axis (K; REFERENCE section 3), from the
+  kernel's storage order to the canonical one (`inverse`: into the kernel's; `lowbit_jax.prepare`). 4- and 6-bit
+  codes are permuted within every 32 along K so that the code `_widen` places at register column c is the weight's
+  column c: stored position 8t + 4e + j holds column 8j + 2t + e. 8-bit codes are read in order: unchanged."""
   if bits == 8:
     return data
-  return packing.pack(_relabel_k(packing.unpack(data, bits, axis=1), axis=1, inverse=inverse), bits, axis=1)
+  k = data.ndim - 1  # (leading axes: weights stacked over layers)
+  return packing.pack(_relabel_k(packing.unpack(data, bits, axis=k), axis=k, inverse=inverse), bits, axis=k)
 
 
 def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:

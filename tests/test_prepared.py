@@ -80,6 +80,21 @@ def test_dot_general_paths_match_the_canonical_weight(fmt):
   assert dispatch.choose(None, x, p, dn, 6) == dispatch.choose(None, x, w, dn, 6)
 
 
+def test_stacked_layers_map_and_scan():
+  # Prepared weights stacked over layers (as nnx.vmap or a scan over layers makes them) keep their K axis last.
+  ws = [_weight("mxfp6_e2m3", seed=s) for s in range(3)]
+  stack = lambda *a: jnp.stack(a)
+  p = jax.tree.map(stack, *[lb.prepare(w) for w in ws])
+  assert p.shape == (3, 128, 256)
+  np.testing.assert_array_equal(np.asarray(p.canonical().data), np.asarray(jax.tree.map(stack, *ws).data))
+  x = jax.random.normal(jax.random.key(5), (4, 256), jnp.float32).astype(jnp.bfloat16)
+  y = jax.vmap(lambda w: lb.dot_general(x, w, (((1,), (1,)), ((), ())), backend="xla"))(p)
+  _, ys = jax.lax.scan(lambda c, w: (c, lb.dot_general(x, w, (((1,), (1,)), ((), ())), backend="xla")), 0, p)
+  want = jnp.stack([lb.dot_general(x, w, (((1,), (1,)), ((), ())), backend="xla") for w in ws])
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(ys), np.asarray(want))
+
+
 def test_bad_input():
   with pytest.raises(ValueError, match="K-major"):
     lb.prepare(lb.quantize(jnp.ones((256, 128)), "mxfp4", axis=0))
