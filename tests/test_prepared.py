@@ -71,7 +71,8 @@ def test_dot_general_paths_match_the_canonical_weight(fmt):
   f = jax.jit(lambda x, w: lb.dot_general(x, w, dn, backend="xla"))
   np.testing.assert_array_equal(np.asarray(f(x, p)), np.asarray(f(x, w)))
   y = lb.dot_general(x, p, dn, backend=KERNEL, preferred_element_type=jnp.float32)
-  y0 = lb.dot_general(x, w, dn, backend=KERNEL, preferred_element_type=jnp.float32)
+  y0 = jnp.dot(x.astype(jnp.float32), lb.dequantize(w, jnp.float32 if fmt == "nvfp4" else jnp.bfloat16).T.astype(
+      jnp.float32), precision="highest")  # the exact products of the kernel's weights (NVFP4: g on the sum)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(y0))))
   qa = lb.quantize(x, "mxfp8_e4m3", axis=-1)
   np.testing.assert_array_equal(np.asarray(lb.dot_general(qa, p, dn)), np.asarray(lb.dot_general(qa, w, dn)))
