@@ -19,6 +19,7 @@ import warnings
 
 import jax.numpy as jnp
 
+from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 
 __all__ = ["BACKENDS", "choose", "pair_kernel", "weight_only_kernel", "xla_from_m"]
@@ -49,11 +50,11 @@ BLOCK_FP8_KERNELS = ("mosaic", "jax_triton")
 BLOCK_FP8_MOSAIC_FROM_M = 65
 
 
-def weight_only_kernel(lhs, rhs: QArray, dimension_numbers, m: int) -> tuple[str, str | None]:
+def weight_only_kernel(lhs, rhs: QArray | PreparedWeight, dimension_numbers, m: int) -> tuple[str, str | None]:
   """(the backend of the weight-only kernel for this call, None if it takes the call, else why not).
 
-  (K, N) weights blocked along K go to the Pallas-Triton kernel; K-major (N, K) weights blocked along K, to the
-  Mosaic GPU kernel (any M)."""
+  (K, N) weights blocked along K go to the Pallas-Triton kernel; K-major (N, K) weights blocked along K (QArrays
+  or `PreparedWeight`s), to the Mosaic GPU kernel (any M)."""
   from pallas_kernels import dequant_gemv_mosaic
   from pallas_kernels.dequant_matmul import supports
   (lc, rc), (lb, rb) = dimension_numbers
