@@ -74,7 +74,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     rhs = jnp.asarray(rhs)
   _check(lhs, rhs, dimension_numbers)
   if isinstance(rhs, PreparedWeight) and (isinstance(lhs, QArray) or act_format is not None):
-    rhs = rhs.canonical()  # only the weight-only kernel reads the prepared order
+    rhs = rhs.canonical()  # (the quantized-pair paths take QArrays)
   if act_format is not None:
     if isinstance(lhs, QArray):
       raise ValueError("dot_general: act_format quantizes a float lhs, but lhs is already a QArray.")
@@ -99,8 +99,6 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return xla.times_tensor_scales(y, ga, gw).astype(preferred_element_type or lhs.dtype)
   impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m)
   if impl == "xla":
-    if isinstance(rhs, PreparedWeight):
-      rhs = rhs.canonical()
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   out_dtype = preferred_element_type or lhs.dtype
   if isinstance(lhs, QArray):

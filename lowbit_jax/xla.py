@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize
 
@@ -56,7 +57,7 @@ def int8_pair(lhs: QArray, rhs: QArray, dimension_numbers) -> bool:
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
-  """`lax.dot_general` of operands either of which may be a QArray.
+  """`lax.dot_general` of operands either of which may be a QArray (or rhs a `PreparedWeight`).
 
   One quantized operand is dequantized to the other operand's dtype. Two quantized operands give the OCP dot in
   float32, cast to `preferred_element_type` (default: lhs's logical dtype): int8 per-token x per-channel pairs
@@ -79,7 +80,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     y = lax.dot_general(dequantize(lhs, jnp.float32), dequantize(rhs, jnp.float32), dimension_numbers,
                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32, **kwargs)
     return y.astype(out)
-  if isinstance(rhs, QArray):
+  if isinstance(rhs, (QArray, PreparedWeight)):  # (dequantize reads a PreparedWeight through its canonical form)
     rhs = dequantize(rhs, lhs.dtype)
   elif isinstance(lhs, QArray):
     lhs = dequantize(lhs, rhs.dtype)

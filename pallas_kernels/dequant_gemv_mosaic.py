@@ -135,9 +135,9 @@ def _relabel_k(a: jax.Array, axis: int, inverse: bool = False) -> jax.Array:
   position 8j + 2t + e holds physical position 8t + 4e + j (j, t < 4; e < 2). `inverse` undoes it."""
   a = jnp.moveaxis(a, axis, 0)
   k, rest = a.shape[0], a.shape[1:]
-  perm = (0, 2, 3, 1) if inverse else (0, 3, 1, 2)
-  a = a.reshape(k // 32, 4, 4, 2, *rest) if inverse else a.reshape(k // 32, 4, 2, 4, *rest)
-  a = a.transpose(*perm, *range(4, 4 + len(rest)))
+  # Physical order is (t, e, j), logical (j, t, e): transpose one view into the other.
+  split, perm = ((4, 4, 2), (0, 2, 3, 1)) if inverse else ((4, 2, 4), (0, 3, 1, 2))
+  a = a.reshape(k // 32, *split, *rest).transpose(*perm, *range(4, 4 + len(rest)))
   return jnp.moveaxis(a.reshape(k, *rest), 0, axis)
 
 

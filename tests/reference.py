@@ -243,8 +243,9 @@ def _fp8block_block(xb, el):
 CODES_PER_GROUP = {2: 4, 3: 8, 4: 2, 6: 4, 8: 1}  # the packed axis is padded to a multiple of this
 
 
-def _pack(codes, el, asym):
-    """codes: int64 array, blocked axis last. Returns the stored data array (blocked axis last)."""
+def pack_codes(codes, el, asym=False):
+    """codes: int64 array, blocked axis last; `el` an ELEMENTS entry. Returns the stored data array (blocked axis
+    last)."""
     if el.name in ("float8_e4m3fn", "float8_e5m2"):
         return codes.astype(np.uint8).view(el.ml_dtype)
     if el.bits == 8:  # int8 / mxint8
@@ -286,7 +287,7 @@ def unpack_codes(data, element, axis=-1, asym=False):
         c = np.stack([u & 15, u >> 4], axis=-1).reshape(u.shape[:-1] + (-1,))
         if el.is_int and not asym:
             c = np.where(c >= 8, c - 16, c)
-    elif el.bits in (2, 3):  # the bit stream of _pack, read back one bit at a time
+    elif el.bits in (2, 3):  # the bit stream of pack_codes, read back one bit at a time
         b = el.bits
         u = d.astype(np.int64)
         c = np.zeros(u.shape[:-1] + (u.shape[-1] * 8 // b,), np.int64)
@@ -377,7 +378,7 @@ def ref_quantize(x, fmt_name, *, axis=-1, scale_mode="floor", tensor_scale=None)
         zps[idx] = 0.0 if z is None else z
 
     # storage types
-    data = _pack(codes, el, asym)
+    data = pack_codes(codes, el, asym)
     if kind == "mx":
         sc = np.where(np.isnan(scales), 255, scales + 127).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
     elif kind == "nvfp4":

@@ -15,6 +15,7 @@ from lowbit_jax import dispatch
 from pallas_kernels import backend
 from pallas_kernels.backend import hopper_available
 from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
+from reference import ELEMENTS, pack_codes
 
 KERNEL = "mosaic" if hopper_available() else "interpret"
 MOSAIC = "mosaic" if KERNEL == "mosaic" else "mosaic_interpret"  # dequant_gemv's backend for KERNEL
@@ -120,11 +121,7 @@ def test_every_float_code_decodes_exactly(fmt):
   codes = np.where(np.isfinite(values), codes, 0).astype(np.uint8)
   values = np.where(np.isfinite(values), values, 0)
   exps = 127 + np.random.default_rng(0).integers(-12, 13, size=(64, 8))  # E8M0 bits of 2^-12 ... 2^12
-  if el.bits == 8:
-    data = jnp.asarray(codes.view(getattr(ml_dtypes, el.name)))
-  else:  # four codes per three bytes, a little-endian 24-bit word with code i at bit 6i (REFERENCE section 3)
-    words = (codes.reshape(64, -1, 4).astype(np.uint32) << np.array([0, 6, 12, 18], np.uint32)).sum(-1)
-    data = jnp.asarray((words[..., None] >> np.array([0, 8, 16], np.uint32)).astype(np.uint8).reshape(64, -1))
+  data = jnp.asarray(pack_codes(codes.astype(np.int64), ELEMENTS[el.name]))  # (FP6: four codes per three bytes)
   _, tree = jax.tree_util.tree_flatten(lb.quantize(jnp.ones((64, 256)), fmt, axis=1))
   w = jax.tree_util.tree_unflatten(tree, [data, jnp.asarray(exps.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu))])
   y = dequant_gemv(jnp.eye(256, dtype=jnp.bfloat16), w, out_dtype=jnp.float32, backend=MOSAIC)

@@ -17,6 +17,7 @@ from lowbit_jax import checkpoint, dispatch
 from lowbit_jax.flax import prepare_model, quantize_model
 from lowbit_jax.flax.linen import QDotGeneral, prepare_variables, quantize_params
 from pallas_kernels.backend import hopper_available
+from reference import unpack_codes
 
 KERNEL = "mosaic" if hopper_available() else "interpret"
 FORMATS = ["int4_g128_sym", "int4_g32_sym", "mxfp4", "nvfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3",
@@ -27,30 +28,19 @@ def _weight(fmt, n=128, k=256, seed=0):
   return lb.quantize(jax.random.normal(jax.random.key(seed), (n, k), jnp.float32), fmt, axis=1)
 
 
-def _codes(data: np.ndarray, bits: int) -> np.ndarray:
-  """Element codes along axis 1 of packed bytes (REFERENCE section 3), in numpy."""
-  data = data.astype(np.uint32)
-  if bits == 4:  # two per byte, low nibble first
-    return np.stack([data & 15, data >> 4], axis=-1).reshape(data.shape[0], -1)
-  if bits == 6:  # four per three bytes: a little-endian 24-bit word, code i at bit 6i
-    b = data.reshape(data.shape[0], -1, 3)
-    word = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16
-    return np.stack([(word >> (6 * i)) & 63 for i in range(4)], axis=-1).reshape(data.shape[0], -1)
-  return data
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stored_order_and_round_trip(fmt):
   # Stored position 8t + 4e + j of every 32 along K holds weight column 8j + 2t + e (j, t < 4; e < 2): the
   # column the Mosaic kernel's register layout gives that code. 8-bit codes are stored as they are.
   w = _weight(fmt)
   p = lb.prepare(w)
-  bits = w.format.element_type.bits
-  want = _codes(np.asarray(w.data).view(np.uint8), bits)
+  el = w.format.element_type
+  bits = el.bits
+  want = unpack_codes(w.data, el.name)
   if bits < 8:
     col = np.array([8 * j + 2 * t + e for t in range(4) for e in range(2) for j in range(4)])  # by stored position
     want = want.reshape(want.shape[0], -1, 32)[:, :, col].reshape(want.shape)
-  np.testing.assert_array_equal(_codes(np.asarray(p.data).view(np.uint8), bits), want)
+  np.testing.assert_array_equal(unpack_codes(p.data, el.name), want)
   assert p.shape == w.shape and p.format == w.format and p.dtype == w.dtype and p.nbytes == w.nbytes
   c = p.canonical()
   assert jax.tree_util.tree_structure(c) == jax.tree_util.tree_structure(w)
