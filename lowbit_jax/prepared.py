@@ -22,6 +22,10 @@ class PreparedWeight:
   (`pallas_kernels.dequant_gemv_mosaic.kernel_order`); with a canonical QArray it permutes the activations to
   match on every call, with a PreparedWeight the codes are stored permuted instead, so the activations pass
   untouched. 8-bit codes are read in order and stored as they are. Scales are stored as in the QArray.
+  `folded` (static, found by `prepare` from the scales' values): the kernel may multiply the power of two its
+  float decode leaves on each code into the block scales instead of into every pair of codes, one instruction
+  fewer per pair (`pallas_kernels.dequant_gemv_mosaic.folds_scales`: MX weights whose scales are all small
+  enough, which real weights' are; the others decode as a QArray's do).
 
   A pytree (children: the permuted packed `data`, `scale`, `tensor_scale`), so it lives in model params and passes
   through jit. `lowbit_jax.dot_general` runs the kernel on it where dispatch picks the kernel, and every other path
@@ -38,18 +42,18 @@ class PreparedWeight:
     True
   """
 
-  __slots__ = ("data", "scale", "tensor_scale", "_aux")
+  __slots__ = ("data", "scale", "tensor_scale", "folded", "_aux")
 
-  def __init__(self, data, scale, tensor_scale, *, aux):
+  def __init__(self, data, scale, tensor_scale, *, aux, folded: bool = False):
     """Low-level constructor: `aux` is the canonical QArray's static metadata (`QArray.tree_flatten`)."""
-    self.data, self.scale, self.tensor_scale, self._aux = data, scale, tensor_scale, aux
+    self.data, self.scale, self.tensor_scale, self._aux, self.folded = data, scale, tensor_scale, aux, folded
 
   def tree_flatten(self):
-    return (self.data, self.scale, self.tensor_scale), self._aux
+    return (self.data, self.scale, self.tensor_scale), (self._aux, self.folded)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, aux=aux)
+    return cls(*children, aux=aux[0], folded=aux[1])
 
   def _layout(self, data) -> QArray:
     """A QArray with this weight's metadata holding `data` (the canonical one when `data` is canonical)."""
@@ -113,7 +117,8 @@ def prepare(w: QArray) -> PreparedWeight:
   """`w`, a K-major (N, K) QArray blocked along axis 1 in a format the Mosaic GPU decode kernel takes (symmetric
   int4 / int8, MXFP4, MXFP6, MXFP8, NVFP4; N a multiple of 64, K of 128), with its codes re-ordered once for the
   kernel. Raises ValueError naming the reason for any other weight. Works on any device (a one-time permutation
-  of the packed codes); the result is bit-identical to `w` through `canonical()`.
+  of the packed codes, and for MX weights one reduction over the scales, which needs them concrete: under jit
+  the result is not `folded`); the result is bit-identical to `w` through `canonical()`.
 
   Example:
     >>> import jax.numpy as jnp, lowbit_jax as lb
@@ -121,14 +126,15 @@ def prepare(w: QArray) -> PreparedWeight:
     >>> lb.prepare(w).shape
     (64, 256)
   """
-  from pallas_kernels.dequant_gemv_mosaic import kernel_order
+  from pallas_kernels.dequant_gemv_mosaic import folds_scales, kernel_order
   if isinstance(w, PreparedWeight):
     return w
   reason = unpreparable(w)
   if reason:
     raise (ValueError if isinstance(w, QArray) else TypeError)(f"prepare: {reason}.")
   (data, scale, tensor_scale, _), aux = w.tree_flatten()
-  return PreparedWeight(kernel_order(data, w.format.element_type.bits, inverse=True), scale, tensor_scale, aux=aux)
+  return PreparedWeight(kernel_order(data, w.format.element_type.bits, inverse=True), scale, tensor_scale, aux=aux,
+                        folded=folds_scales(w))
 
 
 def canonical(tree: Any) -> Any:

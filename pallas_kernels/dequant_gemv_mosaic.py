@@ -20,7 +20,8 @@ Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per
 every 32 and the activations to match, or with `lowbit_jax.prepare`d weights the codes stored in that order and
 the activations read as they are; FP6 the same order, from bytes each thread loads; FP8: a byte permute, shift
 and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the
-weight `lowbit_jax.dequantize` returns) and fed to wgmma as its register operand, accumulating in float32.
+weight `lowbit_jax.dequantize` returns; the power of two a float decode leaves on its codes goes into the scales
+where they take it, `_POWER`) and fed to wgmma as its register operand, accumulating in float32.
 Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g applied); with it, float32
 (split, M, N) partials that XLA sums. With `wgs` > 1 (the default above 32 rows) a program is warp-specialized:
 that many compute warpgroups, each with its own 64-row weight tile over the shared activation tile and storing its
@@ -45,14 +46,22 @@ from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
-__all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "kernel_order", "smem_bytes",
-           "supports"]
+__all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "folds_scales", "kernel_order",
+           "smem_bytes", "supports"]
 
 # Float element types by the name of their code in `_widen`, and back.
 _FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float6_e2m3fn": "e2m3", "float6_e3m2fn": "e3m2", "float8_e4m3fn": "e4m3",
                 "float8_e5m2": "e5m2"}
 _CODE_ELEMENTS = {code: name for name, code in _FLOAT_CODES.items()}
 _FP8, _FP6 = ("e4m3", "e5m2"), ("e2m3", "e3m2")
+# The decode of a float code v places its bits so that they read as the bfloat16 of v * 2^-p, subnormal codes as
+# bf16 subnormals (`_pair_ptx`); p by code. Then either each pair is multiplied by 2^p, or the block scales are
+# (`_scale_bf16`), which saves an instruction per pair where 2^p times every scale fits in bfloat16: always for
+# NVFP4, whose elements then carry 2^-_NVFP4_SHIFT more and g 2^_NVFP4_SHIFT (E4M3 scales up to 448 times 2^118
+# stay below bfloat16's largest, and at least 2^-9 times 2^-8 above its normals); for MX formats where every
+# E8M0 scale is at most 2^(127 - p) (`folds_scales`, checked once by `lowbit_jax.prepare`).
+_POWER = {"e2m1": 126, "e2m3": 126, "e3m2": 124, "e4m3": 120, "e5m2": 112}
+_NVFP4_SHIFT = 8
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
@@ -130,6 +139,21 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
   return None
 
 
+def folds_scales(w: QArray) -> bool:
+  """Whether the kernel may multiply the float decode's 2^p (`_POWER`) into the E8M0 block scales of `w`, an MX
+  weight, instead of into every pair of codes: when every finite scale is at most 2^(127 - p) (2 for E2M1 and
+  E2M3, 4 for E3M2, 2^7 for E4M3, 2^15 for E5M2). It reads the scales' values, so it is False for traced ones;
+  False for integer formats and for NVFP4 (which the kernel folds regardless, `_NVFP4_SHIFT`)."""
+  code = _FLOAT_CODES.get(w.format.element_type.name)
+  if code is None or w.scale.dtype != jnp.float8_e8m0fnu:
+    return False
+  e = lax.bitcast_convert_type(w.scale, jnp.uint8).astype(jnp.int32)
+  try:
+    return int(jnp.max(jnp.where(e == 255, 0, e), initial=0)) + _POWER[code] <= 254
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    return False
+
+
 def _relabel_k(a: jax.Array, axis: int, inverse: bool = False) -> jax.Array:
   """`a` with `axis` (a multiple of 32) reordered the way `_widen` lays out an int4 tile: within every 32, logical
   position 8j + 2t + e holds physical position 8t + 4e + j (j, t < 4; e < 2). `inverse` undoes it."""
@@ -152,11 +176,11 @@ def kernel_order(data: jax.Array, bits: int, *, inverse: bool = False) -> jax.Ar
   return packing.pack(_relabel_k(packing.unpack(data, bits, axis=k), axis=k, inverse=inverse), bits, axis=k)
 
 
-def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
+def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool) -> list[jax.Array]:
   """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
   per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "e4m3",
   "e5m2" (8-bit codes, arriving as int8), "e2m3", "e3m2" (6-bit codes, arriving as their bytes), "int4" or "e2m1"
-  (arriving as int4).
+  (arriving as int4). Float codes come as their values v, or with `folded` (on the GPU) as v * 2^-p (`_POWER`).
 
   int8 codes convert in place; FP8 codes a pair at a time (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with
   the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
@@ -183,25 +207,34 @@ def _widen(w_smem, code: str, width: int, interpret: bool) -> list[jax.Array]:
   part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
   if six:  # loaded by the threads themselves: no register layout holds 6-bit codes
     return plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[part] * (box // width))(
-        functools.partial(_six_bit_pairs, code=code, width=width))(w_smem)
+        functools.partial(_six_bit_pairs, code=code, width=width, folded=folded))(w_smem)
   layout = plgpu.Layout.WGMMA if code in _FP8 else plgpu.Layout.WGMMA_UPCAST_4X
   codes = plgpu.load(w_smem, None, layout=layout)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
-      functools.partial(_code_pairs, code=code, width=width))(codes)
+      functools.partial(_code_pairs, code=code, width=width, folded=folded))(codes)
 
 
-def _six_bit_ptx(code: str, off: int) -> str:
+def _times_power(code: str, folded: bool) -> str:
+  """PTX that ends a float pair's decode: $0 = t, the bf16 pair of v * 2^-p, times 2^p exactly (`_POWER`), or as it
+  is where the scales carry 2^p (`folded`)."""
+  if folded:
+    return "mov.b32 $0, t;"
+  bits = (_POWER[code] + 127) << 7  # (bf16 bits of 2^p)
+  return f"mov.b32 m, 0x{bits:04X}{bits:04X}; mul.rn.bf16x2 $0, t, m;"
+
+
+def _six_bit_ptx(code: str, off: int, folded: bool) -> str:
   """PTX for one bf16 pair from $1, which holds two FP6 codes at bit `off` of its 16-bit halves: the magnitude to
   bf16 bits 4-8 (E2M3) or 5-9 (E3M2) and the sign to bit 15 make the bf16 of v * 2^-126 (E2M3) or v * 2^-124
-  (E3M2), subnormal codes as bf16 subnormals; then times 2^126 or 2^124 exactly (as `_pair_ptx` does for E2M1)."""
-  low, mask, power = (4, "0x01F001F0", "0x7E807E80") if code == "e2m3" else (5, "0x03E003E0", "0x7D807D80")
+  (E3M2), subnormal codes as bf16 subnormals; then `_times_power` (as `_pair_ptx` does for E2M1)."""
+  low, mask = (4, "0x01F001F0") if code == "e2m3" else (5, "0x03E003E0")
   d = low - off
   mag = f"shl.b32 m, $1, {d};" if d > 0 else f"shr.u32 m, $1, {-d};" if d < 0 else "mov.b32 m, $1;"
   return (mag + f" and.b32 m, m, {mask}; shl.b32 t, $1, {10 - off}; lop3.b32 t, m, t, 0x80008000, 0xF8; "
-          f"mov.b32 m, {power}; mul.rn.bf16x2 $0, t, m;")
+          + _times_power(code, folded))
 
 
-def _six_bit_pairs(_, ref, *, code: str, width: int):
+def _six_bit_pairs(_, ref, *, code: str, width: int, folded: bool):
   """Mosaic GPU (lane level): a (64, 3C / 4) byte tile of FP6 codes in shared memory (four codes per three bytes,
   REFERENCE section 3) to bf16 in the WGMMA layout, split into `width`-column arrays.
 
@@ -236,40 +269,40 @@ def _six_bit_pairs(_, ref, *, code: str, width: int):
     # (a + 3, a + 4), a = 6j // 8, put both at bit 6j % 8 (a selector past byte 7 picks a byte no mask keeps).
     words = [asm("prmt.b32 $0, $1, $2, $3;", lo, hi, arith.addi(c(sel), skip)) for sel in (0x4310, 0x5421, 0x6532)]
     for j, (w, off) in enumerate(zip((0, 0, 1, 2), (0, 6, 4, 2))):
-      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(asm(_six_bit_ptx(code, off), words[w]), pair)
+      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(asm(_six_bit_ptx(code, off, folded), words[w]), pair)
   per = width // 8  # 8-column register tiles per array
   return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
           for i in range(0, out.shape[1], per)]
 
 
-def _byte_pair_ptx(code: str) -> str:
+def _byte_pair_ptx(code: str, folded: bool) -> str:
   """PTX for one bf16 pair from the two FP8 codes in bits 0-15 of $1. Each code sign-extended into its 16-bit half
   by one byte permute, then shifted so its exponent and mantissa bits sit at the bottom of the bf16 exponent
   field and the top of its mantissa (sign at bit 15), gives the bf16 of v * 2^-120 (E4M3) or v * 2^-112 (E5M2):
-  subnormal codes become bf16 subnormals, kept by bf16 arithmetic; then times 2^120 or 2^112 exactly. NaN and Inf
-  codes, which the quantizer stores only in blocks whose scale is NaN (REFERENCE section 2), become finite."""
-  shift, mask, power = (4, "0x87F087F0", "0x7B807B80") if code == "e4m3" else (5, "0x8FE08FE0", "0x77807780")
-  return (f"prmt.b32 t, $1, 0, 0x9180; shl.b32 t, t, {shift}; and.b32 t, t, {mask}; mov.b32 m, {power}; "
-          "mul.rn.bf16x2 $0, t, m;")
+  subnormal codes become bf16 subnormals, kept by bf16 arithmetic; then `_times_power`. NaN and Inf codes, which
+  the quantizer stores only in blocks whose scale is NaN (REFERENCE section 2), become finite."""
+  shift, mask = (4, "0x87F087F0") if code == "e4m3" else (5, "0x8FE08FE0")
+  return (f"prmt.b32 t, $1, 0, 0x9180; shl.b32 t, t, {shift}; and.b32 t, t, {mask}; "
+          + _times_power(code, folded))
 
 
-def _pair_ptx(code: str, j: int) -> str:
+def _pair_ptx(code: str, j: int, folded: bool) -> str:
   """PTX for one bf16 pair from a 32-bit register $1 of codes 0-7: codes j and j + 4, at bits 4j and 16 + 4j.
 
   int4: shift the pair to bits 0 and 16, OR each nibble into the mantissa of 0x4300 (128.0) with its sign bit
   flipped (lop3 (a & b) ^ c), giving 136 + q exactly, then subtract 136. E2M1: the magnitude bits to bf16 bits 6-8
   and the sign to bit 15, each by its own shift of $1 (no shift of the pair first), make the bf16 of v * 2^-126
-  (0.5 is a bf16 subnormal, kept by bf16 arithmetic), then times 2^126 exactly."""
+  (0.5 is a bf16 subnormal, kept by bf16 arithmetic), then `_times_power`."""
   def shift(dst, n):  # $1 moved left by n bits (right for negative n)
     return f"shl.b32 {dst}, $1, {n};" if n > 0 else f"shr.u32 {dst}, $1, {-n};" if n < 0 else f"mov.b32 {dst}, $1;"
   if code == "int4":
     return (shift("t", -4 * j) + " lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6A; mov.b32 m, 0x43084308; "
             "sub.bf16x2 $0, t, m;")
   return (shift("m", 6 - 4 * j) + " and.b32 m, m, 0x01C001C0; " + shift("t", 12 - 4 * j) +
-          " lop3.b32 t, m, t, 0x80008000, 0xF8; mov.b32 m, 0x7E807E80; mul.rn.bf16x2 $0, t, m;")
+          " lop3.b32 t, m, t, 0x80008000, 0xF8; " + _times_power(code, folded))
 
 
-def _code_pairs(_, codes, *, code: str, width: int):
+def _code_pairs(_, codes, *, code: str, width: int, folded: bool):
   """Mosaic GPU (lane level): codes to bf16 in the WGMMA layout, split into `width`-column arrays. FP8 codes come
   in the WGMMA layout itself, two per register (`_byte_pair_ptx`); 4-bit codes in the WGMMA_UPCAST_4X layout, 8
   per register, as `_widen` describes (`_pair_ptx` per pair)."""
@@ -286,7 +319,7 @@ def _code_pairs(_, codes, *, code: str, width: int):
 
   if code in _FP8:
     i16 = ir.IntegerType.get_signless(16)
-    ptx = _byte_pair_ptx(code)
+    ptx = _byte_pair_ptx(code, folded)
     out = np.empty(codes.registers.shape, dtype=object)
     for idx, reg in np.ndenumerate(codes.registers):
       out[idx] = asm(arith.extui(i32, utils.bitcast(reg, i16)), ptx)
@@ -295,7 +328,7 @@ def _code_pairs(_, codes, *, code: str, width: int):
     for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
       word = utils.bitcast(reg, i32)
       for j in range(4):
-        out[(idx[0], 4 * idx[1] + j, *idx[2:])] = asm(word, _pair_ptx(code, j))
+        out[(idx[0], 4 * idx[1] + j, *idx[2:])] = asm(word, _pair_ptx(code, j, folded))
   per = width // 8  # 8-column register tiles per array
   return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
           for i in range(0, out.shape[1], per)]
@@ -337,14 +370,17 @@ def _store_transposed(acc, ref):
   store(acc, ref)
 
 
-def _scale_bf16(s: jax.Array) -> jax.Array:
-  """Block scales as bfloat16, exactly: bfloat16 ones as they are, E4M3 converted, E8M0 (as its uint8 bits: Hopper
-  converts no E8M0) by bit arithmetic: 2^(e - 127) is bf16 bits e << 7, e = 0 the bf16 subnormal 2^-127, 255 NaN."""
+def _scale_bf16(s: jax.Array, power: int = 0) -> jax.Array:
+  """Block scales times 2^power as bfloat16, exactly where that fits (the caller's part, `_POWER`): bfloat16 ones
+  as they are (power 0), E4M3 converted, E8M0 (as its uint8 bits: Hopper converts no E8M0) by bit arithmetic:
+  2^(e + power - 127) is bf16 bits (e + power) << 7, 0 the bf16 subnormal 2^-127, e = 255 NaN."""
   if s.dtype == jnp.uint8:
-    e = s.astype(jnp.int32)
-    bits = jnp.where(e == 0, 0x40, jnp.where(e == 255, 0x7FC0, e << 7))
+    e = s.astype(jnp.int32) + power
+    bits = jnp.where(e == power + 255, 0x7FC0, jnp.where(e == 0, 0x40, e << 7))
     return lax.bitcast_convert_type(bits.astype(jnp.int16), jnp.bfloat16)
-  return s if s.dtype == jnp.bfloat16 else s.astype(jnp.float32).astype(jnp.bfloat16)
+  if s.dtype == jnp.bfloat16:
+    return s
+  return (s.astype(jnp.float32) * 2.0 ** power).astype(jnp.bfloat16)
 
 
 def _scale_window(dtype, blocks: int) -> int:
@@ -353,7 +389,7 @@ def _scale_window(dtype, blocks: int) -> int:
 
 
 def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, steps: int, groups: int, stages: int,
-            tiles: int, wgs: int, mp: int, n_tiles: int, m_tiles: int, prepared: bool, backend: str):
+            tiles: int, wgs: int, mp: int, n_tiles: int, m_tiles: int, prepared: bool, power: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   # Grid axis 0 runs over (activation row tile, weight row tile), weight tiles fastest (programs launched together
@@ -377,6 +413,10 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   blocks = groups * _TK // block  # scale blocks per step
   per = width // block  # scale blocks per wgmma slice
   per_channel = win == 1  # the (1, N) row of per-channel scales (blocked ones come in windows of 8 or more)
+  # `power`: the 2^p the scales take from the float decode (`_POWER`; 0: each pair multiplies by it). The
+  # interpreter widens codes to their values, so its scales take 2^(power - p) instead.
+  folded = power > 0
+  scale_power = power - _POWER[code] if folded and interpret else power
 
   def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g, in the output dtype
     return (acc if g_gmem is None else acc * g_gmem[0]).astype(o_gmem.dtype)
@@ -392,7 +432,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
       first_block = col < 16 if prepared else col % 8 < 4
     for rows, acc_ref in tiles:
       for b, w_smem in enumerate(w_smems):
-        for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret)):
+        for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret, folded)):
           j = b * (box // width) + h  # the wgmma slice of this step
 
           def scale(i):  # (64, width): the step's scale column i along the slice's rows, as bfloat16
@@ -402,7 +442,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
               s = plgpu.load(s_smem.at[0, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
             else:
               s = _load_column(s_smem.at[rows], first + i)
-            return lax.broadcast_in_dim(_scale_bf16(s), a.shape, [0])
+            return lax.broadcast_in_dim(_scale_bf16(s, scale_power), a.shape, [0])
 
           if per_channel:
             a = a * scale(0)
@@ -531,6 +571,11 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   if bits < 8 and not prepared:
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4- and 6-bit codes
   code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
+  g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
+  if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, g times 2^8 (`_POWER`)
+    power, g = _POWER[code] - _NVFP4_SHIFT, g * 2.0 ** _NVFP4_SHIFT
+  else:  # MX weights prepared with scales that take 2^p (`folds_scales`)
+    power = _POWER[code] if prepared and w.folded else 0
   if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)
     scale, win = w.scale.reshape(1, n), 1
   else:  # (N, K / B) as stored; E8M0 as its bits, columns padded to whole TMA windows
@@ -542,13 +587,12 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, wgs=cfg.wgs, mp=r, n_tiles=n // bn, m_tiles=mt, prepared=prepared,
-                             backend=backend)
+                             power=power, backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
   # more than one row tile). A single K split writes the result (NVFP4's g applied, in out_dtype); more write
   # float32 partials that XLA sums.
   out_rows = m if cfg.wgs == 1 and mt == 1 else mt * r
   out_dtype = out_dtype or x.dtype
-  g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
   final = cfg.split == 1
   parts = _backend.call(
       kernel, backend=backend,

@@ -75,6 +75,14 @@ def test_prepared_weights(fmt, m, cfg):
   _kernel_equals_exact_dot(*_operands(m, 128, 512, fmt, seed=m + 20), cfg, prepared=True)
 
 
+def test_prepared_mx_weights_whose_scales_do_not_fold():
+  # Scales above 2 (weights of 16 and more in MXFP4) leave the decode's 2^126 on each pair of codes.
+  x, w = _operands(9, 128, 256, "mxfp4", seed=3)
+  w = lb.quantize(lb.dequantize(w, jnp.float32) * 2048, "mxfp4", axis=1)
+  assert not lb.prepare(w).folded
+  _kernel_equals_exact_dot(x, w, prepared=True)
+
+
 def test_default_configs_fit_shared_memory():
   from pallas_kernels.backend import HOPPER_SMEM
   from pallas_kernels.dequant_gemv_mosaic import default_config, smem_bytes
@@ -110,20 +118,25 @@ def test_warp_specialized(fmt, m, wgs, programs):
   _kernel_equals_exact_dot(x, w, Config(split=2, groups=1, stages=2, wgs=wgs))
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2"])
-def test_every_float_code_decodes_exactly(fmt):
-  # Each finite FP8 / FP6 code (subnormals, both zeros, the largest) in every row, under E8M0 scales from 2^-12 to
-  # 2^12, read out one weight per output through an identity x: the kernel's decode (GPU: byte permutes, shifts and
-  # masks, then two exact bf16 products) against ml_dtypes. FP8 NaN / Inf codes appear only in NaN-scaled blocks.
+@pytest.mark.parametrize("fmt,prepared", [*[(f, False) for f in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2")],
+                                         ("mxfp4", True), ("mxfp8_e5m2", True), ("mxfp6_e3m2", True)])
+def test_every_float_code_decodes_exactly(fmt, prepared):
+  # Each finite FP8 / FP6 / FP4 code (subnormals, both zeros, the largest) in every row, under E8M0 scales from
+  # 2^-12 to 2^12, read out one weight per output through an identity x: the kernel's decode (GPU: byte permutes,
+  # shifts and masks, then two exact bf16 products) against ml_dtypes. FP8 NaN / Inf codes appear only in NaN-scaled
+  # blocks. Prepared, with scales up to 2 (so the decode's power of two moves into the scales: one bf16 product).
   el = lb.get_format(fmt).element_type
   codes = (np.arange(256)[None, :] + 37 * np.arange(64)[:, None]) % (1 << el.bits)  # (64, 256): every code, every row
   values = codes.astype(np.uint8).view(getattr(ml_dtypes, el.name)).astype(np.float32)  # (FP6: the low 6 bits)
   codes = np.where(np.isfinite(values), codes, 0).astype(np.uint8)
   values = np.where(np.isfinite(values), values, 0)
-  exps = 127 + np.random.default_rng(0).integers(-12, 13, size=(64, 8))  # E8M0 bits of 2^-12 ... 2^12
+  exps = 127 + np.random.default_rng(0).integers(-12, 2 if prepared else 13, size=(64, 8))  # E8M0 of 2^-12 ... 2^12
   data = jnp.asarray(pack_codes(codes.astype(np.int64), ELEMENTS[el.name]))  # (FP6: four codes per three bytes)
   _, tree = jax.tree_util.tree_flatten(lb.quantize(jnp.ones((64, 256)), fmt, axis=1))
   w = jax.tree_util.tree_unflatten(tree, [data, jnp.asarray(exps.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu))])
+  if prepared:
+    w = lb.prepare(w)
+    assert w.folded
   y = dequant_gemv(jnp.eye(256, dtype=jnp.bfloat16), w, out_dtype=jnp.float32, backend=MOSAIC)
   want = values * np.exp2(np.repeat(exps, 32, axis=1) - 127.0)
   np.testing.assert_array_equal(np.asarray(y), want.T)
@@ -186,15 +199,20 @@ def test_what_the_kernel_does_not_take(m, n, fmt, dtype, backend, match):
     lb.dot_general(x.astype(dtype), w, DN, backend=backend)
 
 
-@pytest.mark.parametrize("dtype", ["float8_e8m0fnu", "float8_e4m3fn"])
-def test_scales_widen_exactly(dtype):
-  # Every byte of a one-byte scale (the kernel's own conversion: Hopper has none for E8M0) against ml_dtypes: the
-  # E8M0 bf16 subnormal 2^-127 and NaN, E4M3 subnormals, NaN and negative zero.
+@pytest.mark.parametrize("dtype,power", [("float8_e8m0fnu", 0), ("float8_e4m3fn", 0), ("float8_e8m0fnu", 126),
+                                         ("float8_e8m0fnu", 112), ("float8_e4m3fn", 118)])
+def test_scales_widen_exactly(dtype, power):
+  # Every byte of a one-byte scale (the kernel's own conversion: Hopper has none for E8M0) times 2^power against
+  # ml_dtypes: the E8M0 bf16 subnormal 2^-127 and NaN, E4M3 subnormals, NaN and negative zero; with the float
+  # decode's power of two folded in (E8M0 scales up to 2^(127 - power), which `folds_scales` requires; NVFP4's
+  # E4M3 ones times 2^118, all of them).
   from pallas_kernels.dequant_gemv_mosaic import _scale_bf16
   bits = np.arange(256, dtype=np.uint8)
   stored = bits if dtype == "float8_e8m0fnu" else bits.view(ml_dtypes.float8_e4m3fn)
-  got = np.asarray(jax.jit(_scale_bf16)(jnp.asarray(stored))).view(np.uint16)
-  want = bits.view(getattr(ml_dtypes, dtype)).astype(ml_dtypes.bfloat16)
+  got = np.asarray(jax.jit(_scale_bf16, static_argnums=1)(jnp.asarray(stored), power)).view(np.uint16)
+  kept = (bits.astype(int) + power <= 254) | (bits == 255) if dtype == "float8_e8m0fnu" else bits >= 0
+  want = (bits[kept].view(getattr(ml_dtypes, dtype)).astype(np.float64) * 2.0 ** power).astype(ml_dtypes.bfloat16)
+  got = got[kept]
   nan = np.isnan(want.astype(np.float32))
   np.testing.assert_array_equal(got[~nan], want[~nan].view(np.uint16))
   assert np.isnan(got.view(ml_dtypes.bfloat16).astype(np.float32)[nan]).all()

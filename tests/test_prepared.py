@@ -71,6 +71,19 @@ def test_dot_general_paths_match_the_canonical_weight(fmt):
   assert dispatch.choose(None, x, p, dn, 6) == dispatch.choose(None, x, w, dn, 6)
 
 
+def test_folded_where_every_scale_takes_the_decode_power():
+  # `prepare` moves the float decode's power of two into MX block scales where every scale takes it (E2M1 scales up
+  # to 2: weights below 16): not for larger scales, traced ones (under jit), integer formats, or NVFP4 (whose
+  # kernel folds it regardless).
+  assert lb.prepare(_weight("mxfp4")).folded and lb.prepare(_weight("mxfp6_e3m2")).folded
+  assert not lb.prepare(lb.quantize(jnp.full((128, 256), 24.0), "mxfp4", axis=1)).folded  # a scale of 4
+  assert lb.prepare(lb.quantize(jnp.full((128, 256), 24.0), "mxfp8_e4m3", axis=1)).folded  # E4M3: up to 2^7
+  assert not any(lb.prepare(_weight(f)).folded for f in ("int4_g128_sym", "nvfp4"))
+  seen = []
+  jax.jit(lambda w: seen.append(lb.prepare(w).folded) or 0)(_weight("mxfp4"))
+  assert seen == [False]
+
+
 def test_stacked_layers_map_and_scan():
   # Prepared weights stacked over layers (as nnx.vmap or a scan over layers makes them) keep their K axis last.
   ws = [_weight("mxfp6_e2m3", seed=s) for s in range(3)]
