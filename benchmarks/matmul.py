@@ -71,7 +71,8 @@ def main() -> None:
   p.add_argument("--backend", default="pallas", help="'interpret' for a dry run of this script on a CPU")
   p.add_argument("--pairs", default="", help="act:weight format pairs, comma-separated (both operands quantized)")
   p.add_argument("--k-major", action="store_true", help="K-major (N, K) weights: the Mosaic GPU kernel")
-  p.add_argument("--prepared", action="store_true", help="with --k-major: the kernel reads lb.prepare's layout")
+  p.add_argument("--prepared", action="store_true",
+                 help="with --k-major or --pairs: the kernel reads lb.prepare's layout")
   args = p.parse_args()
   if args.pairs:
     return pairs(args)
@@ -170,7 +171,7 @@ def pairs(args) -> None:
   kernel takes, K-major (N, K) weights (their MMAs read K-major; (K, N) weights pay a transpose per call; few rows
   of MX / NVFP4 activations stream K-major weights through the Mosaic kernel). "dispatch" is `lb.dot_general`'s
   choice (the int8 and block-FP8 kernels on a GPU), "XLA" forces the XLA path, "act_format" quantizes the bf16
-  activation inside the call."""
+  activation inside the call. With `--prepared`, weights the Mosaic kernel takes also run from `lb.prepare`."""
   print(header())
   print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
         "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T |")
@@ -191,9 +192,12 @@ def pairs(args) -> None:
       k_major = (fw in ("int8_channel_sym", "fp8_block_128x128")
                  or dequant_gemv_mosaic.supports(lb.get_format(fw), n, k) is None)
       layouts = [("(K, N)", 0)] + ([("(N, K)", 1)] if k_major else [])
+      if args.prepared and dequant_gemv_mosaic.supports(lb.get_format(fw), n, k) is None:
+        layouts.append(("(N, K) prepared", 1))
       two_d = len(lb.get_format(fw).block or ()) == 2
       for label, rc in layouts:
         qws = [lb.quantize(w if rc == 0 else w.T, fw, axis=1 if two_d or rc == 1 else 0) for w in bf16_ws]
+        qws = [lb.prepare(q) for q in qws] if label.endswith("prepared") else qws
         dn = (((1,), (rc,)), ((), ()))
         t = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn), qxs, qws)
         t_x = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend="xla"), qxs, qws)

@@ -73,8 +73,6 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   if not isinstance(rhs, (QArray, PreparedWeight)):
     rhs = jnp.asarray(rhs)
   _check(lhs, rhs, dimension_numbers)
-  if isinstance(rhs, PreparedWeight) and (isinstance(lhs, QArray) or act_format is not None):
-    rhs = rhs.canonical()  # (the quantized-pair paths take QArrays)
   if act_format is not None:
     if isinstance(lhs, QArray):
       raise ValueError("dot_general: act_format quantizes a float lhs, but lhs is already a QArray.")
@@ -89,14 +87,16 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   if not isinstance(lhs, QArray) and not isinstance(rhs, (QArray, PreparedWeight)):
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   m = math.prod(lhs.shape[:-1])
-  if (isinstance(lhs, QArray) and isinstance(rhs, QArray) and xla.blocks_exact_in_bf16(lhs)
+  if (isinstance(lhs, QArray) and isinstance(rhs, (QArray, PreparedWeight)) and xla.blocks_exact_in_bf16(lhs)
       and xla.blocks_exact_in_bf16(rhs) and m < dispatch.xla_from_m(rhs.format) and backend in (None, "auto")):
     # Few rows of MX / NVFP4 activations: dequantize their block values (exact in bfloat16) and stream the weights
-    # through the weight-only path instead of materialising the whole dequantized weight; NVFP4 tensor scales
-    # multiply the float32 result. Same OCP dot: exact products, float32 accumulation.
+    # (prepared ones as they are) through the weight-only path instead of materialising the whole dequantized
+    # weight; NVFP4 tensor scales multiply the float32 result. Same OCP dot: exact products, float32 accumulation.
     (qa, ga), (qw, gw) = xla.split_tensor_scale(lhs), xla.split_tensor_scale(rhs)
     y = dot_general(dequantize(qa, jnp.bfloat16), qw, dimension_numbers, precision, jnp.float32, out_sharding)
     return xla.times_tensor_scales(y, ga, gw).astype(preferred_element_type or lhs.dtype)
+  if isinstance(lhs, QArray) and isinstance(rhs, PreparedWeight):
+    rhs = rhs.canonical()  # (the other quantized-pair paths take QArrays)
   impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m)
   if impl == "xla":
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
@@ -156,10 +156,11 @@ def _act_quant_dot_bwd(dims, act, grad, precision, preferred_element_type, backe
   x, q, rhs = res
   if grad is not None:
     g = dequantize(quantize(g, grad, axis=-1), g.dtype)
-  w = dequantize(rhs, x.dtype) if isinstance(rhs, QArray) else rhs
+  quantized = isinstance(rhs, (QArray, PreparedWeight))
+  w = dequantize(rhs, x.dtype) if quantized else rhs
   _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dims, precision=precision), dequantize(q, x.dtype), w)
   dx, dw = vjp(g.astype(x.dtype))
-  drhs = jax.tree.map(_zero_cotangent, rhs) if isinstance(rhs, QArray) else dw.astype(rhs.dtype)
+  drhs = jax.tree.map(_zero_cotangent, rhs) if quantized else dw.astype(rhs.dtype)
   return dx, drhs
 
 

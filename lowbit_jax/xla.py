@@ -26,13 +26,14 @@ def blocks_exact_in_bf16(q: QArray) -> bool:
   return q.format.rule == "mx" or (q.format.rule == "nvfp4" and q.format.element_type.mantissa <= 3)
 
 
-def split_tensor_scale(q: QArray) -> tuple[QArray, jax.Array | None]:
+def split_tensor_scale(q: QArray | PreparedWeight) -> tuple[QArray | PreparedWeight, jax.Array | None]:
   """(q with its tensor scale set to 1, the tensor scale or None): the caller applies it to a float32 product."""
   if q.tensor_scale is None:
     return q, None
   children, aux = q.tree_flatten()
-  data, scale, g, zero = children
-  return QArray.tree_unflatten(aux, (data, scale, jnp.ones((), jnp.float32), zero)), g
+  children = list(children)
+  children[2] = jnp.ones((), jnp.float32)  # (the tensor scale is the third child of both)
+  return type(q).tree_unflatten(aux, children), q.tensor_scale
 
 
 def times_tensor_scales(y: jax.Array, *gs) -> jax.Array:
