@@ -418,8 +418,9 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   folded = power > 0
   scale_power = power - _POWER[code] if folded and interpret else power
 
-  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g, in the output dtype
-    return (acc if g_gmem is None else acc * g_gmem[0]).astype(o_gmem.dtype)
+  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g (and the 2^8 its elements
+    # lack, `_NVFP4_SHIFT`), in the output dtype
+    return (acc if g_gmem is None else acc * (g_gmem[0] * 2.0 ** _NVFP4_SHIFT)).astype(o_gmem.dtype)
 
   def step(idx, *refs, tiles, stash):  # tiles: (weight rows of the step's tile, accumulator) pairs
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
@@ -572,8 +573,8 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4- and 6-bit codes
   code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
-  if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, g times 2^8 (`_POWER`)
-    power, g = _POWER[code] - _NVFP4_SHIFT, g * 2.0 ** _NVFP4_SHIFT
+  if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, the sum times g 2^8 (`_POWER`)
+    power = _POWER[code] - _NVFP4_SHIFT
   else:  # MX weights prepared with scales that take 2^p (`folds_scales`)
     power = _POWER[code] if prepared and w.folded else 0
   if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)
@@ -602,6 +603,6 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   if final:
     return parts[0, :m]
   y = jnp.sum(parts[:, :m], axis=0)
-  if g is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py
-    y = y * g[0]
+  if g is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py (times 2^8, as in `finish`)
+    y = y * (g[0] * 2.0 ** _NVFP4_SHIFT)
   return y.astype(out_dtype)
