@@ -375,12 +375,17 @@ def _scale_bf16(s: jax.Array, power: int = 0) -> jax.Array:
   as they are (power 0), E4M3 converted, E8M0 (as its uint8 bits: Hopper converts no E8M0) by bit arithmetic:
   2^(e + power - 127) is bf16 bits (e + power) << 7, 0 the bf16 subnormal 2^-127, e = 255 NaN."""
   if s.dtype == jnp.uint8:
-    e = s.astype(jnp.int32) + power
-    bits = jnp.where(e == power + 255, 0x7FC0, jnp.where(e == 0, 0x40, e << 7))
+    e = s.astype(jnp.int32)
+    bits = jnp.where(e == 255, 0x7FC0, jnp.where(e + power == 0, 0x40, (e + power) << 7))
     return lax.bitcast_convert_type(bits.astype(jnp.int16), jnp.bfloat16)
   if s.dtype == jnp.bfloat16:
     return s
   return (s.astype(jnp.float32) * 2.0 ** power).astype(jnp.bfloat16)
+
+
+def _times_g(y: jax.Array, g: jax.Array) -> jax.Array:
+  """A float32 sum of NVFP4 products times its tensor scale g and the 2^8 its elements lack (`_NVFP4_SHIFT`)."""
+  return y * (g * 2.0 ** _NVFP4_SHIFT)
 
 
 def _scale_window(dtype, blocks: int) -> int:
@@ -418,9 +423,8 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   folded = power > 0
   scale_power = power - _POWER[code] if folded and interpret else power
 
-  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g (and the 2^8 its elements
-    # lack, `_NVFP4_SHIFT`), in the output dtype
-    return (acc if g_gmem is None else acc * (g_gmem[0] * 2.0 ** _NVFP4_SHIFT)).astype(o_gmem.dtype)
+  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g, in the output dtype
+    return (acc if g_gmem is None else _times_g(acc, g_gmem[0])).astype(o_gmem.dtype)
 
   def step(idx, *refs, tiles, stash):  # tiles: (weight rows of the step's tile, accumulator) pairs
     w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
@@ -603,6 +607,6 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   if final:
     return parts[0, :m]
   y = jnp.sum(parts[:, :m], axis=0)
-  if g is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py (times 2^8, as in `finish`)
-    y = y * (g[0] * 2.0 ** _NVFP4_SHIFT)
+  if g is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py
+    y = _times_g(y, g[0])
   return y.astype(out_dtype)
