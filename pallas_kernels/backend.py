@@ -49,21 +49,23 @@ def _compiler_params(backend: str, num_warps: int, num_stages: int) -> Any:
 
 def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs, num_warps: int = 4,
          num_stages: int = 3, name: str | None = None, threads: int = 1,
-         cluster: dict[str, int] | None = None) -> Callable:
+         cluster: dict[str, int] | None = None, input_output_aliases: dict[int, int] | None = None) -> Callable:
   """`pl.pallas_call` for `backend` (one of BACKENDS); `plgpu.kernel` for the Mosaic GPU ones.
 
   Mosaic GPU kernels ("mosaic", "mosaic_interpret") take every operand in global memory (in_specs and out_specs
   None), move tiles themselves and read their grid position through `program_id`; `threads` > 1 runs that many
   warpgroups per program, indexed by the axis "wg"; `cluster` {axis name: size} groups that many programs into a
   thread-block cluster (axes of size 1 are left out), each then one index of the grid. num_warps, num_stages and
-  name apply to the Pallas-Triton kernels only.
+  name apply to the Pallas-Triton kernels only, and so does `input_output_aliases` ({input index: output index},
+  outputs updated in place: POISON leaves them as they come in).
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
   params = _compiler_params(backend, num_warps, num_stages)
   if backend.startswith("mosaic"):
     return _mosaic_call(kernel, backend, params, out_shape, grid, threads, cluster)
-  return _call(kernel, backend == "interpret", params, out_shape, grid, in_specs, out_specs, name)
+  return _call(kernel, backend == "interpret", params, out_shape, grid, in_specs, out_specs, name,
+               input_output_aliases or {})
 
 
 _GRID_NAMES = ("grid0", "grid1", "grid2")
@@ -111,23 +113,24 @@ def program_id(axis: int, *, backend: str):
   return pl.program_id(axis)
 
 
-def _call(kernel, interpret, params, out_shape, grid, in_specs, out_specs, name) -> Callable:
+def _call(kernel, interpret, params, out_shape, grid, in_specs, out_specs, name, aliases) -> Callable:
   if not POISON:
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=interpret, compiler_params=params, name=name)
+                          interpret=interpret, compiler_params=params, name=name, input_output_aliases=aliases)
   outs = jax.tree_util.tree_leaves(out_shape)
   out_list = list(out_specs) if isinstance(out_specs, (tuple, list)) else [out_specs]
+  fresh = [i for i in range(len(outs)) if i not in aliases.values()]  # outputs that get a poisoned buffer
 
   def poisoned(*args):
-    n_in, n_out = len(args), len(outs)
+    n_in, n_poison = len(args), len(fresh)
 
     def body(*refs):  # drop the aliased poison inputs; the kernel sees its own refs
-      kernel(*refs[:n_in], *refs[n_in + n_out:])
+      kernel(*refs[:n_in], *refs[n_in + n_poison:])
 
-    f = pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=list(in_specs) + out_list,
+    f = pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=list(in_specs) + [out_list[i] for i in fresh],
                        out_specs=out_specs, interpret=interpret, compiler_params=params, name=name,
-                       input_output_aliases={n_in + i: i for i in range(n_out)})
-    return f(*args, *map(_poison, outs))
+                       input_output_aliases={**aliases, **{n_in + j: i for j, i in enumerate(fresh)}})
+    return f(*args, *(_poison(outs[i]) for i in fresh))
 
   return poisoned
 
