@@ -2,7 +2,9 @@
 
 The model: token embedding, pre-norm blocks (RMSNorm; grouped-query attention with RoPE and a KV cache; SwiGLU
 MLP), a final RMSNorm and an untied LM head; bf16 weights and activations. Generation is greedy: one prefill of the
-prompt, then a decode loop (`lax.fori_loop`, one token per step, inside one jit).
+prompt, then a decode loop (`lax.fori_loop`, one token per step, inside one jit). On a GPU each decode step's
+attention (RoPE, the KV-cache update, softmax attention) is one Pallas kernel per layer
+(`pallas_kernels/decode_attention.py`), for bf16 and quantized models alike.
 
 For bf16 and each format the report gives the weight memory, the size of its orbax checkpoint on disk (each
 quantized model is saved, and the model measured is the one restored from disk into an abstract model, so nothing
@@ -37,6 +39,8 @@ from jax import lax
 
 from lowbit_jax import checkpoint
 from lowbit_jax.flax import prepare_model, quantize_model, weight_bytes
+from pallas_kernels.backend import on_gpu
+from pallas_kernels.decode_attention import decode_attention
 
 DEFAULT_FORMATS = "mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym"
 # Mixed precision by rules: attention in MXFP8, MLP in MXFP4, embedding and LM head left in bf16.
@@ -55,6 +59,9 @@ class Config:
   rope_theta: float = 10000.0
   dtype: str = "bfloat16"  # activations
   param_dtype: str = "bfloat16"  # weights (float32 master weights for training: examples/qat.py)
+  # One-token (decode) steps: "auto" runs pallas_kernels.decode_attention on a GPU and XLA's ops elsewhere;
+  # "xla", "triton" or "interpret" pick one. Steps of several tokens (prefill) always run XLA's ops.
+  attention: str = "auto"
 
   @property
   def params(self) -> int:
@@ -63,14 +70,29 @@ class Config:
     return 2 * self.vocab * d + self.n_layers * (attn + 3 * d * self.ffn + 2 * d) + d
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding of x (B, T, H, D) at positions (T,): pairs (i, i + D/2) rotated by pos * theta^(-2i/D)."""
-  half = x.shape[-1] // 2
+def rope_angles(positions: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each (T, dim / 2) float32: the rotation at positions (T,) of the pairs (i, i + dim/2), by angle
+  pos * theta^(-2i/dim)."""
+  half = dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions.astype(jnp.float32)[:, None] * freq[None, :]
-  cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  return jnp.cos(angle), jnp.sin(angle)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding of x (B, T, H, D) at positions (T,) (`rope_angles`)."""
+  half = x.shape[-1] // 2
+  cos, sin = (a[None, :, None, :] for a in rope_angles(positions, x.shape[-1], theta))
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _decode_attention_backend(attention: str, x: jax.Array) -> str:
+  if attention == "auto":
+    return "triton" if on_gpu(x) else "xla"
+  if attention not in ("xla", "triton", "interpret"):
+    raise ValueError(f"Config.attention must be 'auto', 'xla', 'triton' or 'interpret', got {attention!r}.")
+  return attention
 
 
 def _linear(n_in: int, n_out: int, cfg: Config, rngs: nnx.Rngs) -> nnx.Linear:
@@ -79,7 +101,8 @@ def _linear(n_in: int, n_out: int, cfg: Config, rngs: nnx.Rngs) -> nnx.Linear:
 
 class Attention(nnx.Module):
   """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads; a (B, L, n_kv, head_dim) KV
-  cache per layer, written at positions [pos, pos + T)."""
+  cache per layer, written at positions [pos, pos + T). One-token steps on a GPU run
+  `pallas_kernels.decode_attention` (Config.attention), which XLA would run as about ten small ops per layer."""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -92,7 +115,14 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     kv, g, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     positions = pos + jnp.arange(t)
-    q, k, v = jnp.split(self.qkv_proj(x).reshape(b, t, kv * g + 2 * kv, hd), [kv * g, kv * g + kv], axis=2)
+    qkv = self.qkv_proj(x).reshape(b, t, kv * g + 2 * kv, hd)
+    backend = _decode_attention_backend(cfg.attention, x)
+    if t == 1 and backend != "xla":  # RoPE, the cache update and attention in one kernel
+      cos, sin = rope_angles(positions, hd, cfg.rope_theta)
+      out, ck, cv = decode_attention(qkv[:, 0], cache[0], cache[1], cos[0], sin[0], pos, n_heads=kv * g,
+                                     backend=backend)
+      return self.o_proj(out.reshape(b, t, kv * g * hd)), (ck, cv)
+    q, k, v = jnp.split(qkv, [kv * g, kv * g + kv], axis=2)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     ck = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
     cv = lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
