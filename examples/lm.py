@@ -63,6 +63,10 @@ class Config:
   # "xla", "triton" or "interpret" pick one. Steps of several tokens (prefill) always run XLA's ops.
   attention: str = "auto"
 
+  def __post_init__(self):
+    if self.attention not in ("auto", "xla", "triton", "interpret"):
+      raise ValueError(f"Config.attention must be 'auto', 'xla', 'triton' or 'interpret', got {self.attention!r}.")
+
   @property
   def params(self) -> int:
     d, hd = self.d_model, self.head_dim
@@ -87,14 +91,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _decode_attention_backend(attention: str, x: jax.Array) -> str:
-  if attention == "auto":
-    return "triton" if on_gpu(x) else "xla"
-  if attention not in ("xla", "triton", "interpret"):
-    raise ValueError(f"Config.attention must be 'auto', 'xla', 'triton' or 'interpret', got {attention!r}.")
-  return attention
-
-
 def _linear(n_in: int, n_out: int, cfg: Config, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
@@ -116,7 +112,7 @@ class Attention(nnx.Module):
     kv, g, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     positions = pos + jnp.arange(t)
     qkv = self.qkv_proj(x).reshape(b, t, kv * g + 2 * kv, hd)
-    backend = _decode_attention_backend(cfg.attention, x)
+    backend = ("triton" if on_gpu(x) else "xla") if cfg.attention == "auto" else cfg.attention
     if t == 1 and backend != "xla":  # RoPE, the cache update and attention in one kernel
       cos, sin = rope_angles(positions, hd, cfg.rope_theta)
       out, ck, cv = decode_attention(qkv[:, 0], cache[0], cache[1], cos[0], sin[0], pos, n_heads=kv * g,
