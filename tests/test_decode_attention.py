@@ -3,6 +3,7 @@ computed in float64 by numpy, and the example LM's decode step with the kernel a
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -17,8 +18,8 @@ from pallas_kernels.decode_attention import decode_attention
 BACKEND = "triton" if gpu_available() else "interpret"
 
 
-def _bf16(x):
-  return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+def _bf16(x):  # round to nearest even in bfloat16 (ml_dtypes), back to float64
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
 def reference(qkv, k_cache, v_cache, cos, sin, pos, n_heads):
