@@ -6,7 +6,8 @@ A ~1.1B-parameter Llama-style config (vocab 32000, d_model 2048, 16 layers, 32 q
 tokens/s (median of 3 runs after a warm-up), ms per decode step, prefill time, and the weight memory. The target
 of issue 4 is >= 2.5x bf16 decode tokens/s at batch 1 with mxfp4 or int4 weights. A last row runs the model with
 its linear layers replaced by zeros: the rest of the step, which bounds what any weight format can gain. On a GPU
-every row's decode steps run their attention through `pallas_kernels/decode_attention.py` (`examples/lm.py`).
+every row's decode steps run the LM's decode kernels (attention, residual adds with RMSNorm, and the split-K
+partials added inside them: `examples/lm.py`, `Transformer.decode_step`).
 
 A format named with "+kmajor" (int4_g128_sym+kmajor) holds the linear layers' kernels (out, in): the layout of
 the Mosaic GPU decode kernel (Hopper, int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights); "+prepared" also stores

@@ -2,9 +2,11 @@
 
 The model: token embedding, pre-norm blocks (RMSNorm; grouped-query attention with RoPE and a KV cache; SwiGLU
 MLP), a final RMSNorm and an untied LM head; bf16 weights and activations. Generation is greedy: one prefill of the
-prompt, then a decode loop (`lax.fori_loop`, one token per step, inside one jit). On a GPU each decode step's
-attention (RoPE, the KV-cache update, softmax attention) is one Pallas kernel per layer
-(`pallas_kernels/decode_attention.py`), for bf16 and quantized models alike.
+prompt, then a decode loop (`lax.fori_loop`, one token per step, inside one jit). On a GPU a decode step runs
+three kernels per layer around its matmuls, for bf16 and quantized models alike (`Transformer.decode_step`): the
+attention (RoPE, the KV-cache update, softmax attention; `pallas_kernels/decode_attention.py`) and two residual
+adds each with the RMSNorm after it (`pallas_kernels/rms_norm.py`), which also add up the quantized matmuls'
+split-K partials (`lowbit_jax.matmul_summands`).
 
 For bf16 and each format the report gives the weight memory, the size of its orbax checkpoint on disk (each
 quantized model is saved, and the model measured is the one restored from disk into an abstract model, so nothing
@@ -37,10 +39,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from lowbit_jax import checkpoint
-from lowbit_jax.flax import prepare_model, quantize_model, weight_bytes
+from lowbit_jax import checkpoint, matmul_summands
+from lowbit_jax.flax import QLinear, prepare_model, quantize_model, weight_bytes
 from pallas_kernels.backend import on_gpu
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.rms_norm import add_rms_norm
 
 DEFAULT_FORMATS = "mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym"
 # Mixed precision by rules: attention in MXFP8, MLP in MXFP4, embedding and LM head left in bf16.
@@ -59,13 +62,14 @@ class Config:
   rope_theta: float = 10000.0
   dtype: str = "bfloat16"  # activations
   param_dtype: str = "bfloat16"  # weights (float32 master weights for training: examples/qat.py)
-  # One-token (decode) steps: "auto" runs pallas_kernels.decode_attention on a GPU and XLA's ops elsewhere;
-  # "xla", "triton" or "interpret" pick one. Steps of several tokens (prefill) always run XLA's ops.
-  attention: str = "auto"
+  # One-token (decode) steps: "auto" runs the decode kernels (`Transformer.decode_step`) on a GPU and XLA's ops
+  # elsewhere; "xla", "triton" or "interpret" pick one. Steps of several tokens (prefill) always run XLA's ops.
+  decode_kernels: str = "auto"
 
   def __post_init__(self):
-    if self.attention not in ("auto", "xla", "triton", "interpret"):
-      raise ValueError(f"Config.attention must be 'auto', 'xla', 'triton' or 'interpret', got {self.attention!r}.")
+    if self.decode_kernels not in ("auto", "xla", "triton", "interpret"):
+      raise ValueError("Config.decode_kernels must be 'auto', 'xla', 'triton' or 'interpret', got "
+                       f"{self.decode_kernels!r}.")
 
   @property
   def params(self) -> int:
@@ -97,8 +101,8 @@ def _linear(n_in: int, n_out: int, cfg: Config, rngs: nnx.Rngs) -> nnx.Linear:
 
 class Attention(nnx.Module):
   """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads; a (B, L, n_kv, head_dim) KV
-  cache per layer, written at positions [pos, pos + T). One-token steps on a GPU run
-  `pallas_kernels.decode_attention` (Config.attention), which XLA would run as about ten small ops per layer."""
+  cache per layer, written at positions [pos, pos + T). (One-token steps with the decode kernels:
+  `Block.decode_step`.)"""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -112,12 +116,6 @@ class Attention(nnx.Module):
     kv, g, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     positions = pos + jnp.arange(t)
     qkv = self.qkv_proj(x).reshape(b, t, kv * g + 2 * kv, hd)
-    backend = ("triton" if on_gpu(x) else "xla") if cfg.attention == "auto" else cfg.attention
-    if t == 1 and backend != "xla":  # RoPE, the cache update and attention in one kernel
-      cos, sin = rope_angles(positions, hd, cfg.rope_theta)
-      out, ck, cv = decode_attention(qkv[:, 0], cache[0], cache[1], cos[0], sin[0], pos, n_heads=kv * g,
-                                     backend=backend)
-      return self.o_proj(out.reshape(b, t, kv * g * hd)), (ck, cv)
     q, k, v = jnp.split(qkv, [kv * g, kv * g + kv], axis=2)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     ck = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
@@ -155,6 +153,33 @@ class Block(nnx.Module):
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
+  def decode_step(self, x, pending, cache, pos, rope, backend: str):
+    """One token per batch row through the decode kernels. x (B, d_model) is the residual stream without the
+    last block's MLP output, which `pending` holds as summands (S, B, d_model) (None before the first block);
+    `rope` the (cos, sin) at pos. Returns the residual stream after this block's attention, this block's MLP
+    output as summands, and the cache."""
+    cfg = self.attn.cfg
+    b, n_heads, hd = x.shape[0], cfg.n_heads, cfg.head_dim
+    if pending is None:
+      normed = self.attn_norm(x)
+    else:
+      x, normed = add_rms_norm(x, pending, self.attn_norm.scale[...], eps=self.attn_norm.epsilon, backend=backend)
+    qkv = _summands(self.attn.qkv_proj, normed)
+    out, k_cache, v_cache = decode_attention(qkv.reshape(*qkv.shape[:2], -1, hd), *cache, *rope, pos,
+                                             n_heads=n_heads, backend=backend)
+    x, normed = add_rms_norm(x, _summands(self.attn.o_proj, out.reshape(b, n_heads * hd)), self.mlp_norm.scale[...],
+                             eps=self.mlp_norm.epsilon, backend=backend)
+    gate, up = jnp.split(self.mlp.gate_up(normed), 2, axis=-1)
+    return x, _summands(self.mlp.down, jax.nn.silu(gate) * up), (k_cache, v_cache)
+
+
+def _summands(layer, x):
+  """A linear layer's output as summands (S, ..., out) for the next kernel to add: a quantized layer's split-K
+  partials (`lowbit_jax.matmul_summands`), or the output of any other layer as the one summand."""
+  if isinstance(layer, QLinear) and not layer.qat and layer.activation_format is None and layer.bias is None:
+    return matmul_summands(x, layer.kernel.get_value(), backend=layer.backend)
+  return layer(x)[None]
+
 
 class Transformer(nnx.Module):
   """tokens (B, T) int32, a KV cache (one (k, v) pair per layer) and the position of tokens[:, 0] -> logits
@@ -172,12 +197,29 @@ class Transformer(nnx.Module):
     return [(jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype)) for _ in self.layers]
 
   def __call__(self, tokens, cache, pos):
+    backend = self.cfg.decode_kernels
+    if backend == "auto":
+      backend = "triton" if on_gpu(tokens) else "xla"
+    if tokens.shape[1] == 1 and backend != "xla":
+      return self.decode_step(tokens, cache, pos, backend)
     x = self.embed(tokens)
     new_cache = []
     for block, c in zip(self.layers, cache):
       x, c = block(x, c, pos)
       new_cache.append(c)
     return self.lm_head(self.norm(x)).astype(jnp.float32), new_cache
+
+  def decode_step(self, tokens, cache, pos, backend: str):
+    """`__call__` for tokens (B, 1) through the decode kernels (`backend`: "triton" or "interpret"): the same
+    logits and cache, with each block's residual adds fused into the RMSNorm after them and the matmuls' split-K
+    partials added inside the kernels that take their outputs (`Block.decode_step`)."""
+    cos, sin = rope_angles(jnp.reshape(pos, (1,)), self.cfg.head_dim, self.cfg.rope_theta)
+    x, pending, new_cache = self.embed(tokens[:, 0]), None, []
+    for block, c in zip(self.layers, cache):
+      x, pending, c = block.decode_step(x, pending, c, pos, (cos[0], sin[0]), backend)
+      new_cache.append(c)
+    _, normed = add_rms_norm(x, pending, self.norm.scale[...], eps=self.norm.epsilon, backend=backend)
+    return self.lm_head(normed)[:, None].astype(jnp.float32), new_cache
 
 
 def compile_steps(graphdef) -> tuple[Callable, Callable]:

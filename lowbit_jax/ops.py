@@ -16,7 +16,7 @@ from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize, quantize
 
-__all__ = ["dot_general", "matmul", "einsum"]
+__all__ = ["dot_general", "matmul", "matmul_summands", "einsum"]
 
 
 def _check(lhs, rhs, dimension_numbers):
@@ -178,6 +178,36 @@ def matmul(x, w, *, backend: str | None = None, preferred_element_type=None) -> 
   xnd = len(x.shape)
   return dot_general(x, w, (((xnd - 1,), (0,)), ((), ())), backend=backend,
                      preferred_element_type=preferred_element_type)
+
+
+def matmul_summands(x, w: QArray | PreparedWeight, *, backend: str | None = None) -> jax.Array:
+  """x (..., K) times a quantized weight w, (K, N) or K-major (N, K), blocked along K, as float32 summands
+  (S, ..., N) whose sum over axis 0 is the product `dot_general` returns before its rounding to x's dtype.
+
+  Where the Mosaic GPU kernel splits K (K-major weights at few rows) the summands are its float32 split-K partial
+  sums; elsewhere the product itself (S = 1). For a consumer that adds them inside its own kernel
+  (`pallas_kernels.rms_norm.add_rms_norm`, `pallas_kernels.decode_attention`), saving the separate pass that sums
+  them. Dispatch (`backend`) as in `dot_general`.
+
+  >>> import jax.numpy as jnp, lowbit_jax as lb
+  >>> w = lb.quantize(jnp.ones((64, 8)), "mxfp4", axis=0)
+  >>> s = lb.matmul_summands(jnp.ones((2, 64), jnp.bfloat16), w)
+  >>> s.shape, s.dtype, float(s.sum(0)[0, 0])
+  ((1, 2, 8), dtype('float32'), 64.0)
+  """
+  if not isinstance(w, (QArray, PreparedWeight)) or w.ndim != 2:
+    raise TypeError(f"matmul_summands: w must be a 2-D QArray or PreparedWeight, got {type(w).__name__}.")
+  x = jnp.asarray(x)
+  dims = (((x.ndim - 1,), (w.axis,)), ((), ()))
+  _check(x, w, dims)
+  m = math.prod(x.shape[:-1])
+  impl = dispatch.choose(backend, x, w, dims, m)
+  if w.axis == 1 and impl in ("mosaic", "interpret"):
+    from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
+    parts = dequant_gemv(x.reshape(m, x.shape[-1]), w, out_dtype=jnp.float32, partials=True,
+                         backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
+    return parts.reshape(parts.shape[:1] + x.shape[:-1] + parts.shape[-1:])
+  return dot_general(x, w, dims, preferred_element_type=jnp.float32, backend=backend)[None]
 
 
 def einsum(spec: str, a, b, *, backend: str | None = None, preferred_element_type=None) -> jax.Array:

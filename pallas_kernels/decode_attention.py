@@ -9,11 +9,13 @@ one-token steps on a GPU; prefill and CPUs keep XLA's attention.
 
 Layouts:
   qkv: (B, H + 2 KV, D), one token per batch row: H query heads, then KV key heads, then KV value heads (the
-    output of a fused query/key/value projection, reshaped).
+    output of a fused query/key/value projection, reshaped); or that projection as summands (S, B, H + 2 KV, D),
+    its split-K partial sums (`lowbit_jax.matmul_summands`), which the kernel adds in float32 and rounds to the
+    cache dtype as the projection would have rounded its output (saving the separate pass that sums them).
   k_cache, v_cache: (B, L, KV, D); updated in place at position `pos` (the call donates nothing itself: under
     jit, XLA aliases them when the caller's buffers allow, as a decode loop's carry does).
   cos, sin: (D / 2,) float32, the rotation at `pos` of the pairs (i, i + D / 2).
-  returns out (B, H, D) in qkv's dtype, and the two caches.
+  returns out (B, H, D) in qkv's dtype (the cache dtype for summands), and the two caches.
 Query head j uses key/value head j // (H / KV). Scores and the softmax run in float32 (online softmax over
 chunks of the cache); the query and key are rounded to the cache dtype after RoPE, as XLA's path does.
 """
@@ -41,21 +43,26 @@ def _chunk(length: int) -> int:
 
 
 def _kernel(pos_ref, cos_ref, sin_ref, q_ref, knew_ref, vnew_ref, k_ref, v_ref, out_ref, kout_ref, vout_ref, *,
-            half: int, group: int, chunk: int):
+            half: int, group: int, chunk: int, summands: bool):
   """One query head: RoPE, the cache row at pos (written by the first query head of its group), then an online
-  softmax over the cache in chunks. 2-D tiles throughout: (chunk, D) keys and values times a (1, D) query."""
+  softmax over the cache in chunks. 2-D tiles throughout: (chunk, D) keys and values times a (1, D) query; the
+  query, key and value rows are (1, D), or (S, D) summands."""
   del k_ref, v_ref  # aliased to kout_ref / vout_ref, which the kernel reads and writes
   pos = pos_ref[0]
   cos, sin = cos_ref[...], sin_ref[...]  # (1, half)
   dtype = kout_ref.dtype
 
-  def rope(lo, hi):  # float32 rotation, rounded to the cache dtype as the XLA path rounds it
-    lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+  def row(ref, cols):  # (1, len) of a new row: summands added in float32 and rounded to the cache dtype
+    v = ref[:, cols]
+    return jnp.sum(v.astype(jnp.float32), axis=0, keepdims=True).astype(dtype) if summands else v
+
+  def rope(ref):  # float32 rotation, rounded to the cache dtype as the XLA path rounds it
+    lo, hi = row(ref, pl.ds(0, half)).astype(jnp.float32), row(ref, pl.ds(half, half)).astype(jnp.float32)
     return (lo * cos - hi * sin).astype(dtype), (hi * cos + lo * sin).astype(dtype)
 
-  q1, q2 = rope(q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)])  # (1, half) each
-  k1, k2 = rope(knew_ref[:, pl.ds(0, half)], knew_ref[:, pl.ds(half, half)])
-  v_new = vnew_ref[...]  # (1, D)
+  q1, q2 = rope(q_ref)  # (1, half) each
+  k1, k2 = rope(knew_ref)
+  v_new = row(vnew_ref, slice(None))  # (1, D)
 
   @pl.when(pl.program_id(1) % group == 0)
   def _():
@@ -93,7 +100,8 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos
                      num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per batch row over a KV cache (layouts in the module docstring).
 
-  `pos` (an int32 scalar, traced or not) is the new token's position: keys and values at positions <= pos take
+  `qkv` may be summands (S, B, H + 2 KV, D), S a power of two. `pos` (an int32 scalar, traced or not) is the new
+  token's position: keys and values at positions <= pos take
   part. Returns (out (B, H, D), k_cache, v_cache) with the caches' row `pos` replaced by the new key (after RoPE)
   and value. `backend` is one of `pallas_kernels.backend.BACKENDS` other than the Mosaic ones. One program per
   (batch row, query head); `chunk` (cache positions per loop step, a power of two dividing L; default up to 256)
@@ -108,7 +116,12 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos
     >>> out.shape, float(out[0, 0, 0])
     ((1, 4, 8), 1.0)
   """
-  b, rows, d = qkv.shape
+  if qkv.ndim not in (3, 4):
+    raise ValueError(f"qkv must be (B, H + 2 KV, D) or summands (S, B, H + 2 KV, D), got {qkv.shape}.")
+  parts = qkv.shape[0] if qkv.ndim == 4 else None
+  if parts is not None and parts & (parts - 1):
+    raise ValueError(f"qkv holds {parts} summands: the kernel takes a power of two (Triton's blocks).")
+  b, rows, d = qkv.shape[-3:]
   _, length, kv, _ = k_cache.shape
   if rows != n_heads + 2 * kv or n_heads % kv:
     raise ValueError(f"qkv holds {rows} heads: expected n_heads ({n_heads}) + 2 x the cache's {kv} KV heads, "
@@ -126,14 +139,18 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos
     raise ValueError(f"chunk must be a power of two dividing the cache length {length}, got {chunk}.")
   cache_spec = pl.BlockSpec((None, length, None, d), lambda i, h: (i, 0, h // g, 0))
   row_spec = lambda index: pl.BlockSpec((None, 1, d), lambda i, h: (i, index(h), 0))
+  in_row_spec = row_spec if parts is None else (  # a row's summands, (S, D)
+      lambda index: pl.BlockSpec((parts, None, None, d), lambda i, h: (0, i, index(h), 0)))
   vec_spec = pl.BlockSpec((1, half), lambda i, h: (0, 0))
-  out_shape = (jax.ShapeDtypeStruct((b, n_heads, d), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+  out_dtype = qkv.dtype if parts is None else k_cache.dtype
+  out_shape = (jax.ShapeDtypeStruct((b, n_heads, d), out_dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   call = _backend.call(
-      functools.partial(_kernel, half=half, group=g, chunk=chunk), backend=backend, out_shape=out_shape,
-      grid=(b, n_heads), in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), vec_spec, vec_spec, row_spec(lambda h: h),
-                                   row_spec(lambda h: n_heads + h // g), row_spec(lambda h: n_heads + kv + h // g),
-                                   cache_spec, cache_spec],
+      functools.partial(_kernel, half=half, group=g, chunk=chunk, summands=parts is not None), backend=backend,
+      out_shape=out_shape,
+      grid=(b, n_heads), in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), vec_spec, vec_spec,
+                                   in_row_spec(lambda h: h), in_row_spec(lambda h: n_heads + h // g),
+                                   in_row_spec(lambda h: n_heads + kv + h // g), cache_spec, cache_spec],
       out_specs=(row_spec(lambda h: h), cache_spec, cache_spec), num_warps=num_warps, num_stages=1,
       name="decode_attention", input_output_aliases={6: 1, 7: 2})
   pos = jnp.clip(jnp.asarray(pos, jnp.int32), 0, length - 1).reshape(1)

@@ -6,7 +6,8 @@ canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low n
 a `jnp.int4` (N, K) array), FP6 codes four per three bytes, or int8, E4M3 or E5M2 codes; symmetric integers with
 bfloat16 scales (N, K / B) for blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4, MXFP6 and
 MXFP8 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which
-multiplies the float32 sum (as in dequant_matmul.py) where dequantize rounds v * s * g to bfloat16.
+multiplies each program's float32 sum (as dequant_matmul.py multiplies its sum) where dequantize rounds v * s * g
+to bfloat16.
 
 Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or the next power of two up to 256
 (the wgmma N; TMA fills rows past the array with zeros, so x is padded at most to a multiple of 8 rows) and
@@ -22,8 +23,9 @@ the activations read as they are; FP6 the same order, from bytes each thread loa
 and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the
 weight `lowbit_jax.dequantize` returns; the power of two a float decode leaves on its codes goes into the scales
 where they take it, `_POWER`) and fed to wgmma as its register operand, accumulating in float32.
-Without split-K, programs write the result, (M, N) in the output dtype (NVFP4's g applied); with it, float32
-(split, M, N) partials that XLA sums. With `wgs` > 1 (the default above 32 rows) a program is warp-specialized:
+Programs apply NVFP4's g to their float32 sums. Without split-K they write the result, (M, N) in the output
+dtype; with it, float32 (split, M, N) partials that XLA sums, or that the caller takes as they are (`partials`)
+to add them inside its next kernel. With `wgs` > 1 (the default above 32 rows) a program is warp-specialized:
 that many compute warpgroups, each with its own 64-row weight tile over the shared activation tile and storing its
 R rows straight from registers, and one more warpgroup that issues the TMA copies. Unlike the
 Pallas-Triton kernel of dequant_matmul.py, the weights stream through TMA into shared memory instead of per-thread
@@ -95,13 +97,13 @@ def smem_bytes(cfg: Config, m: int, bits: int, block: int) -> int:
   return cfg.stages * (_BN * cfg.tiles * cfg.wgs * (cols * bits // 8 + scales) + activation_rows(m) * cols * 2)
 
 
-def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
+def default_config(n: int, k: int, m: int = 1, bits: int = 4, max_split: int = 16) -> Config:
   """The configuration for an (n, k) weight of `bits`-bit codes and M activation rows, from the H100 sweeps in
   BENCHMARKS.md. M <= 16: two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until
-  about 16 programs per SM (at most 16 ways): with 8 activation rows, many short programs beat two row tiles by
-  5-14%, and a second warpgroup ran up to 31% slower. M = 17-32: the same, K split until about one 64-row tile per
-  SM. M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256 rows), K split as
-  at 17-32, two slices per step at 64 rows and one above, as many stages (up to 4) as fit.
+  about 16 programs per SM (at most `max_split` ways): with 8 activation rows, many short programs beat two row
+  tiles by 5-14%, and a second warpgroup ran up to 31% slower. M = 17-32: the same, K split until about one 64-row
+  tile per SM. M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256 rows), K
+  split as at 17-32, two slices per step at 64 rows and one above, as many stages (up to 4) as fit.
   Except at M <= 16 with at least one 64-row tile per SM and K <= 4096 (a decode step's wide layers): no split
   and 2 stages, since there the pass that sums the partials costs more than splitting gains (H100, M = 1, weights
   streamed from HBM: (16384, 2048) 9.0 us against 11.1, (32000, 2048) 15.5 against 18.2; BENCHMARKS.md)."""
@@ -112,7 +114,7 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4) -> Config:
     return Config(split=1, groups=groups, stages=2)
   want = 16 * 132 if r <= 16 else 132  # 64-row tiles (per warpgroup) to aim for
   split = 1
-  while n // _BN * -(-m // r) * split < want and split < 16 and k % (_TK * groups * split * 2) == 0:
+  while n // _BN * -(-m // r) * split < want and split < max_split and k % (_TK * groups * split * 2) == 0:
     split *= 2
   stages = 4
   while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _backend.HOPPER_SMEM:
@@ -533,12 +535,14 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
 
 
 def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, backend: str = "mosaic",
-                 config: Config | None = None) -> jax.Array:
+                 config: Config | None = None, partials: bool = False) -> jax.Array:
   """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1, or the same weight prepared
   (`lowbit_jax.prepare`: codes stored in the kernel's order, so x is not permuted per call); float32 accumulation.
 
-  Returns (M, N) in `out_dtype` (default x.dtype). `backend`: "mosaic" (Hopper GPUs) or "mosaic_interpret" (the
-  Mosaic GPU interpreter, any device).
+  Returns (M, N) in `out_dtype` (default x.dtype), or with `partials` the summands (S, M, N) whose sum over axis 0
+  is the product: float32 split-K partial sums (S = the configuration's split), or where K is not split the one
+  product in `out_dtype` (S = 1). `backend`: "mosaic" (Hopper GPUs) or "mosaic_interpret" (the Mosaic GPU
+  interpreter, any device).
   """
   fmt = w.format
   prepared = isinstance(w, PreparedWeight)
@@ -555,7 +559,9 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
     raise TypeError(f"dequant_gemv: x must be bfloat16, got {x.dtype}.")
   bits = fmt.element_type.bits
   block = fmt.block[0] if fmt.block else _TK
-  cfg = config or default_config(n, k, m, bits)
+  # A caller taking the partials adds them in one program per row: at most 8 of them, which cost a decode step's
+  # norm kernel 1.8 us against 2.2 for 16 where the down projection's kernel times the same (H100, BENCHMARKS.md).
+  cfg = config or default_config(n, k, m, bits, max_split=8 if partials else 16)
   bn = _BN * cfg.tiles * cfg.wgs
   if k % (_TK * cfg.groups * cfg.split) or n % bn or cfg.wgs > 1 and cfg.tiles > 1:
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
@@ -574,7 +580,7 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4- and 6-bit codes
   code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
-  if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, the sum times g 2^8 (`_POWER`)
+  if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, sums times g 2^8 (`_POWER`)
     power = _POWER[code] - _NVFP4_SHIFT
   else:  # MX weights prepared with scales that take 2^p (`folds_scales`)
     power = _POWER[code] if prepared and w.folded else 0
@@ -591,8 +597,7 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
                              tiles=cfg.tiles, wgs=cfg.wgs, mp=r, n_tiles=n // bn, m_tiles=mt, prepared=prepared,
                              power=power, backend=backend)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
-  # more than one row tile). A single K split writes the result (NVFP4's g applied, in out_dtype); more write
-  # float32 partials that XLA sums.
+  # more than one row tile). A single K split writes the result in out_dtype; more write float32 partials.
   out_rows = m if cfg.wgs == 1 and mt == 1 else mt * r
   out_dtype = out_dtype or x.dtype
   final = cfg.split == 1
@@ -600,10 +605,7 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
       kernel, backend=backend,
       out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n), out_dtype if final else jnp.float32),
       grid=(n // bn * mt, cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}",
-      threads=cfg.wgs + 1 if cfg.wgs > 1 else 1)(data, scale, xp, *([g] if final and g is not None else []))
-  if final:
-    return parts[0, :m]
-  y = jnp.sum(parts[:, :m], axis=0)
-  if g is not None:  # NVFP4's g multiplies the float32 sum, as in dequant_matmul.py
-    y = _times_g(y, g[0])
-  return y.astype(out_dtype)
+      threads=cfg.wgs + 1 if cfg.wgs > 1 else 1)(data, scale, xp, *([] if g is None else [g]))[:, :m]
+  if partials:
+    return parts
+  return parts[0] if final else jnp.sum(parts, axis=0).astype(out_dtype)

@@ -161,6 +161,28 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   assert dispatch.choose(None, x, mx8, DN, 512) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
 
+@pytest.mark.parametrize("fmt", ["int4_g128_sym", "nvfp4"])
+def test_partials_and_summands(fmt):
+  """`partials`: the float32 split-K partial sums as the programs write them (NVFP4's g applied to each), adding
+  up to the product; `lb.matmul_summands` returns them for K-major weights and the product as one summand for
+  (K, N) weights."""
+  x, w = _operands(1, 128, 512, fmt, seed=5)
+  w = lb.prepare(w)
+  parts = dequant_gemv(x, w, out_dtype=jnp.float32, backend=MOSAIC, partials=True)
+  assert parts.shape == (2, 1, 128) and parts.dtype == jnp.float32  # (the default splits K = 512 in two)
+  ref = _exact_weights_dot(x, w.canonical())
+  np.testing.assert_allclose(np.asarray(parts.sum(0)), np.asarray(ref), rtol=0,
+                             atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  assert not np.allclose(np.asarray(parts[0]), np.asarray(ref), rtol=0.1)  # (a partial is not the product)
+  x3 = x.reshape(1, 1, 512)
+  np.testing.assert_array_equal(np.asarray(lb.matmul_summands(x3, w, backend=KERNEL)), np.asarray(parts)[:, None])
+  kn = lb.quantize(w.dequantize(jnp.float32).T, fmt, axis=0)  # (K, N): one summand, the float32 product
+  got = lb.matmul_summands(x3, kn, backend="xla")
+  assert got.shape == (1, 1, 1, 128) and got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(lb.dot_general(
+      x3, kn, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32, backend="xla")))
+
+
 @pytest.mark.parametrize("fmt,m,k", [
     *[(f, 9, 512) for f in ("int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4", "mxfp8_e4m3",
                             "mxfp6_e2m3")],  # every decode, x padded to whole 8-row tiles
