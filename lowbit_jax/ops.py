@@ -88,10 +88,13 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   m = math.prod(lhs.shape[:-1])
   if (isinstance(lhs, QArray) and isinstance(rhs, (QArray, PreparedWeight)) and xla.blocks_exact_in_bf16(lhs)
-      and xla.blocks_exact_in_bf16(rhs) and m < dispatch.xla_from_m(rhs.format) and backend in (None, "auto")):
-    # Few rows of MX / NVFP4 activations: dequantize their block values (exact in bfloat16) and stream the weights
-    # (prepared ones as they are) through the weight-only path instead of materialising the whole dequantized
-    # weight; NVFP4 tensor scales multiply the float32 result. Same OCP dot: exact products, float32 accumulation.
+      and xla.blocks_exact_in_bf16(rhs) and m < dispatch.xla_from_m(rhs.format, k_major=rhs.axis == 1)
+      and backend in (None, "auto")):
+    # MX / NVFP4 activations, below the rows from which a weight-only matmul dequantizes its weight (few rows;
+    # K-major weights, which the Mosaic kernel takes, up to thousands): dequantize their block values (exact in
+    # bfloat16) and stream the weights (prepared ones as they are) through the weight-only path instead of
+    # materialising the whole dequantized weight; NVFP4 tensor scales multiply the float32 result. Same OCP dot:
+    # exact products, float32 accumulation.
     (qa, ga), (qw, gw) = xla.split_tensor_scale(lhs), xla.split_tensor_scale(rhs)
     y = dot_general(dequantize(qa, jnp.bfloat16), qw, dimension_numbers, precision, jnp.float32, out_sharding)
     return xla.times_tensor_scales(y, ga, gw).astype(preferred_element_type or lhs.dtype)

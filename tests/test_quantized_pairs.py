@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lowbit_jax as lb
+from lowbit_jax import dispatch
 import pallas_kernels.backend
 
 PAIRS = [("mxfp8_e4m3", "mxfp8_e4m3"), ("mxfp8_e5m2", "mxfp8_e4m3"), ("mxfp8_e4m3", "mxfp4"), ("mxint8", "mxint8"),
@@ -56,6 +57,24 @@ def test_quantized_pairs_match_the_ocp_dot(fa, fw, shape):
   tol = 2.0 ** -10 if fa.startswith("fp8_block") and jax.default_backend() == "gpu" else shape[1] * 2.0 ** -23
   np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), tol * mag + 1e-30)
   assert lb.matmul(qa, qw).dtype == jnp.bfloat16  # lhs's logical dtype by default
+
+
+@pytest.mark.parametrize("m, k_major, streams", [(300, False, False), (300, True, True), (4096, True, False)])
+def test_mx_pairs_stream_the_weight_below_the_weight_only_dequantize_rows(monkeypatch, m, k_major, streams):
+  """An MX activation dequantized exactly to bfloat16 times the weight through the weight-only path, below the rows
+  from which that path dequantizes the weight: 256 for (K, N) weights, 4096 for K-major MXFP4 (the Mosaic kernel);
+  the same OCP dot either way."""
+  seen = []
+  choose = dispatch.choose
+  monkeypatch.setattr(dispatch, "choose",
+                      lambda backend, lhs, *a: seen.append(isinstance(lhs, lb.QArray)) or choose(backend, lhs, *a))
+  x, w = operands(m, 64, 64)
+  qa = lb.quantize(x, "mxfp8_e4m3", axis=1)
+  qw = lb.quantize(w.T, "mxfp4", axis=1) if k_major else lb.quantize(w, "mxfp4", axis=0)
+  y = lb.dot_general(qa, qw, (((1,), (1 if k_major else 0,)), ((), ())), preferred_element_type=jnp.float32)
+  assert seen == [not streams]  # (the call dispatched: a float lhs if the activation was dequantized first)
+  ref, mag = ocp_dot(qa, qw, k_major)
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 64 * 2.0 ** -23 * mag + 1e-30)
 
 
 def test_int8_pair_is_an_exact_int32_dot():
@@ -183,7 +202,10 @@ def test_block_fp8_mosaic_default_config():
 
 @pytest.mark.parametrize("m, k, n, wgs, cluster", [
     (5, 256, 128, 2, (1, 1)), (130, 640, 100, 2, (1, 1)), (200, 640, 128, 3, (1, 1)),
-    (250, 512, 128, 3, (1, 1)), (5, 256, 256, 2, (2, 2)), (300, 1024, 256, 3, (2, 1)), (130, 640, 256, 3, (1, 2))])
+    pytest.param(250, 512, 128, 3, (1, 1), marks=pytest.mark.skipif(
+        not pallas_kernels.backend.hopper_available(),
+        reason="12 s in the interpreter; the 200-row case covers its path there")),
+    (5, 256, 256, 2, (2, 2)), (300, 1024, 256, 3, (2, 1)), (130, 640, 256, 3, (1, 2))])
 def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
   """The Mosaic GPU block-FP8 kernel (K-major weights): on Hopper the kernel itself, whose FP8 MMAs accumulate a
   block in the tensor cores' format; elsewhere the Mosaic GPU interpreter (float32 sums). Ragged M (a row tile
