@@ -108,9 +108,9 @@ def test_lm_decode_step_matches_xla_ops():
   GPU the down projection splits K, and its partials are added inside the next block's norm kernel; elsewhere
   XLA's matmuls give one summand each)."""
   cfg = Config(vocab=128, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn=512)
-  model = Transformer(cfg, nnx.Rngs(0))
-  kernel_model = Transformer(dataclasses.replace(cfg, decode_kernels=BACKEND), nnx.Rngs(0))  # the same weights
-  model, kernel_model = (quantized_copy(m, {"mlp": "int4_g128_sym"}, prepared=True) for m in (model, kernel_model))
+  model = quantized_copy(Transformer(cfg, nnx.Rngs(0)), {"mlp": "int4_g128_sym"}, prepared=True)
+  kernel_model = nnx.merge(*nnx.split(model))  # the same weights, run through the decode kernels
+  kernel_model.cfg = dataclasses.replace(cfg, decode_kernels=BACKEND)
   prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab)
   _, cache = model(prompt, model.init_cache(2, 12), 0)
   tok = prompt[:, -1:]
