@@ -49,8 +49,10 @@ def _kernel_equals_exact_dot(x, w, config=None, prepared=False):
   return y
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 9, 40])  # activation tiles of 8 rows up to M = 8, then 16 (9 rows: a ragged tile), 64
+@pytest.mark.parametrize("fmt,m", [(f, m) for m in (1, 9, 40) for f in FORMATS
+                                   # (mxfp4 and nvfp4 at 40 rows: test_warp_specialized)
+                                   if m != 40 or f not in ("mxfp4", "nvfp4")])
+# activation tiles of 8 rows up to M = 8, then 16 (9 rows: a ragged tile), 64 (two warpgroups)
 def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
   # The kernel rounds v * s to bfloat16 once, as dequantize does (scaling on the float32 sum instead fails this).
   x, w = _operands(m, 128, 512, fmt, seed=m)
@@ -181,6 +183,8 @@ def test_partials_and_summands():
   assert got.shape == (1, 1, 1, 128) and got.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(lb.dot_general(
       x3, kn, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32, backend="xla")))
+  with pytest.raises(TypeError, match="matmul_summands: w must be a 2-D QArray or PreparedWeight, got ArrayImpl"):
+    lb.matmul_summands(x3, x)
 
 
 @pytest.mark.parametrize("fmt,m,k", [
