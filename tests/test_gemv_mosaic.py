@@ -49,10 +49,12 @@ def _kernel_equals_exact_dot(x, w, config=None, prepared=False):
   return y
 
 
-@pytest.mark.parametrize("fmt,m", [(f, m) for m in (1, 9, 40) for f in FORMATS
-                                   # (mxfp4 and nvfp4 at 40 rows: test_warp_specialized)
-                                   if m != 40 or f not in ("mxfp4", "nvfp4")])
-# activation tiles of 8 rows up to M = 8, then 16 (9 rows: a ragged tile), 64 (two warpgroups)
+@pytest.mark.parametrize("fmt,m", [
+    *[(f, 1) for f in FORMATS],  # every decode and scale layout, activation tiles of 8 rows (up to M = 8)
+    # 16 rows (9: a ragged tile) and 64 rows on two warpgroups, which each load their own rows of codes and scales;
+    # the tile size is format-independent but for the FP6 codes' own loads (test_warp_specialized runs the others)
+    *[(f, 9) for f in ("int4_g128_sym", "nvfp4", "mxfp8_e4m3", "mxfp6_e2m3")],
+    *[(f, 40) for f in ("int4_g128_sym", "int4_channel_sym", "int8_g128_sym", "mxfp8_e4m3", "mxfp6_e2m3")]])
 def test_kernel_equals_dot_of_dequantized_weights(fmt, m):
   # The kernel rounds v * s to bfloat16 once, as dequantize does (scaling on the float32 sum instead fails this).
   x, w = _operands(m, 128, 512, fmt, seed=m)
@@ -68,7 +70,7 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
   _kernel_equals_exact_dot(x, w, Config(split=split, groups=groups, stages=2, tiles=tiles, wgs=wgs))
 
 
-@pytest.mark.parametrize("fmt,m,cfg", [("int4_g32_sym", 40, None), ("nvfp4", 1, None), ("nvfp4", 40, None),
+@pytest.mark.parametrize("fmt,m,cfg", [("int4_g32_sym", 40, None), ("nvfp4", 40, None),  # (nvfp4 at M = 1: partials)
                                         ("mxfp4", 9, Config(split=2, groups=1, stages=2)), ("mxfp6_e2m3", 16, None)])
 def test_prepared_weights(fmt, m, cfg):
   # Codes stored in the kernel's order (lb.prepare): the activations are read unpermuted, and NVFP4's blocks of 16
