@@ -106,14 +106,21 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   out_dtype = preferred_element_type or lhs.dtype
   if isinstance(lhs, QArray):
     return _pair_kernel(lhs, rhs, dimension_numbers, impl, out_dtype)
-  x2 = lhs.reshape(m, lhs.shape[-1])
   if rhs.axis == 1:  # K-major (N, K) weights, canonical or prepared: the Mosaic GPU kernel
-    from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
-    y = dequant_gemv(x2, rhs, out_dtype=out_dtype, backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
-    return y.reshape(lhs.shape[:-1] + (rhs.shape[0],))
+    return _mosaic_weight_only(lhs, rhs, impl, out_dtype)
   from pallas_kernels.dequant_matmul import dequant_matmul
-  y = dequant_matmul(x2, rhs, out_dtype=out_dtype, backend="triton" if impl == "pallas" else "interpret")
+  y = dequant_matmul(lhs.reshape(m, lhs.shape[-1]), rhs, out_dtype=out_dtype,
+                     backend="triton" if impl == "pallas" else "interpret")
   return y.reshape(lhs.shape[:-1] + (rhs.shape[1],))
+
+
+def _mosaic_weight_only(x, w: QArray | PreparedWeight, impl: str, out_dtype, partials: bool = False) -> jax.Array:
+  """x (..., K) @ w.T on the Mosaic GPU kernel (`impl` "mosaic", or "interpret" for its interpreter): (..., N), or
+  with `partials` the kernel's summands (S, ..., N)."""
+  from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
+  y = dequant_gemv(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype, partials=partials,
+                   backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
+  return y.reshape(y.shape[:-2] + x.shape[:-1] + y.shape[-1:])
 
 
 def _pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, impl: str, out_dtype) -> jax.Array:
@@ -206,10 +213,7 @@ def matmul_summands(x, w: QArray | PreparedWeight, *, backend: str | None = None
   m = math.prod(x.shape[:-1])
   impl = dispatch.choose(backend, x, w, dims, m)
   if w.axis == 1 and impl in ("mosaic", "interpret"):
-    from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
-    parts = dequant_gemv(x.reshape(m, x.shape[-1]), w, out_dtype=jnp.float32, partials=True,
-                         backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
-    return parts.reshape(parts.shape[:1] + x.shape[:-1] + parts.shape[-1:])
+    return _mosaic_weight_only(x, w, impl, jnp.float32, partials=True)
   return dot_general(x, w, dims, preferred_element_type=jnp.float32, backend=backend)[None]
 
 

@@ -101,12 +101,12 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos
   """Attention of one new token per batch row over a KV cache (layouts in the module docstring).
 
   `qkv` may be summands (S, B, H + 2 KV, D), S a power of two. `pos` (an int32 scalar, traced or not) is the new
-  token's position: keys and values at positions <= pos take
-  part. Returns (out (B, H, D), k_cache, v_cache) with the caches' row `pos` replaced by the new key (after RoPE)
-  and value. `backend` is one of `pallas_kernels.backend.BACKENDS` other than the Mosaic ones. One program per
-  (batch row, query head); `chunk` (cache positions per loop step, a power of two dividing L; default up to 256)
-  and `num_warps` tune it. A `pos` outside [0, L) is clamped into it, as `lax.dynamic_update_slice` clamps (the
-  cache's last row then takes the new key and value, and every position takes part).
+  token's position: keys and values at positions <= pos take part. Returns (out (B, H, D), k_cache, v_cache)
+  with the caches' row `pos` replaced by the new key (after RoPE) and value. `backend` is one of
+  `pallas_kernels.backend.BACKENDS` other than the Mosaic ones. One program per (batch row, query head); `chunk`
+  (cache positions per loop step, a power of two dividing L; default up to 256) and `num_warps` tune it. A `pos`
+  outside [0, L) is clamped into it, as `lax.dynamic_update_slice` clamps (the cache's last row then takes the new
+  key and value, and every position takes part).
 
   Example (B = 1, 4 query heads over 2 KV heads of 8, a cache of 16 positions):
     >>> qkv = jnp.ones((1, 4 + 2 * 2, 8), jnp.bfloat16)
