@@ -15,7 +15,7 @@ from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize
 
-__all__ = ["blocks_exact_in_bf16", "dot_general", "int8_pair", "matrix_pair", "split_tensor_scale",
+__all__ = ["blocks_exact_in_bf16", "dot_general", "int8_pair", "matrix_pair", "split_tensor_scale", "swiglu",
            "times_tensor_scales"]
 
 
@@ -24,6 +24,13 @@ def blocks_exact_in_bf16(q: QArray) -> bool:
   times a power of two (above 2^-126), and NVFP4-style elements of <= 4 significant bits times an E4M3 scale (4 bits)
   fit bfloat16's 8."""
   return q.format.rule == "mx" or (q.format.rule == "nvfp4" and q.format.element_type.mantissa <= 3)
+
+
+def swiglu(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+  """silu(gate) * up in `dtype`: the two products rounded to `dtype` (as a matmul writing that dtype rounds them),
+  then g / (1 + exp(-g)) * u in float32, rounded once. The Mosaic GPU kernel's epilogue computes the same."""
+  g, u = (jnp.asarray(a).astype(dtype).astype(jnp.float32) for a in (gate, up))
+  return (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)
 
 
 def split_tensor_scale(q: QArray | PreparedWeight) -> tuple[QArray | PreparedWeight, jax.Array | None]:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lowbit_jax import elements, packing
+from lowbit_jax import elements, packing, xla
 from lowbit_jax.formats import ELEMENTS, Format
 from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
@@ -393,7 +393,8 @@ def _scale_window(dtype, blocks: int) -> int:
 
 
 def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, steps: int, groups: int, stages: int,
-            tiles: int, wgs: int, mp: int, n_tiles: int, m_tiles: int, prepared: bool, power: int, backend: str):
+            tiles: int, wgs: int, mp: int, n_tiles: int, m_tiles: int, prepared: bool, power: int, backend: str,
+            pair: bool):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   # Grid axis 0 runs over (activation row tile, weight row tile), weight tiles fastest (programs launched together
@@ -422,11 +423,15 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   folded = power > 0
   scale_power = power - _POWER[code] if folded and interpret else power
 
-  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g, in the output dtype
-    return (acc if g_gmem is None else _times_g(acc, g_gmem[0])).astype(o_gmem.dtype)
+  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g (still float32)
+    return acc if g_gmem is None else _times_g(acc, g_gmem[0])
 
-  def step(idx, *refs, tiles, stash):  # tiles: (weight rows of the step's tile, accumulator) pairs
-    w_smems, (s_smem, x_smem) = refs[:boxes], refs[boxes:]
+  # With `pair` the program's two 64-row tiles are gate rows ni and up rows n_tiles + ni of a (2 F, K) weight,
+  # each with its own code and scale copies; otherwise its tiles are rows of one (bn, ...) copy.
+  copies = 2 if pair else 1
+
+  def step(idx, *refs, tiles, stash):  # tiles: (tile index, its rows in its copy, accumulator)
+    w_all, s_all, x_smem = refs[:boxes * copies], refs[boxes * copies:-1], refs[-1]
     # This step's first scale column in its TMA window of `win` columns (0 where a window is one step's blocks).
     first = 0 if win == blocks else (k0 + idx[0]) * blocks % win
     if per > 1:  # blocks of 16: register column c holds a code of block (c % 8) // 4 of its 32 (`_relabel_k`),
@@ -434,7 +439,8 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
       col = lax.broadcasted_iota(jnp.int32, (_BN, width), 1)
       col = col if interpret else plgpu.layout_cast(col, plgpu.Layout.WGMMA)
       first_block = col < 16 if prepared else col % 8 < 4
-    for rows, acc_ref in tiles:
+    for t, rows, acc_ref in tiles:
+      w_smems, s_smem = (w_all[t * boxes:(t + 1) * boxes], s_all[t]) if pair else (w_all, s_all[0])
       for b, w_smem in enumerate(w_smems):
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret, folded)):
           j = b * (box // width) + h  # the wgmma slice of this step
@@ -463,19 +469,23 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
             plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(xs, (1, 0)))
     plgpu.wgmma_wait(0)
 
-  w_spec = lambda b: plgpu.BlockSpec((bn, w_sw), lambda kk: (ni, k0 + kk)) if six else plgpu.BlockSpec(
-      (bn, box), lambda kk: (ni, (k0 + kk) * boxes + b),
+  rows_per_copy = _BN if pair else bn
+  row_block = lambda t: ni + t * n_tiles  # a copy's block index along N (t: 1 for the up tile of a pair)
+  w_spec = lambda b, t: plgpu.BlockSpec(
+      (rows_per_copy, w_sw), lambda kk: (row_block(t), k0 + kk)) if six else plgpu.BlockSpec(
+      (rows_per_copy, box), lambda kk: (row_block(t), (k0 + kk) * boxes + b),
       transforms=(plgpu.TilingTransform((8, box)), plgpu.SwizzleTransform(w_sw)))
   in_specs = [
-      *map(w_spec, range(boxes)),
+      *[w_spec(b, t) for t in range(copies) for b in range(boxes)],
       # Scales as stored, (N, K / B): a window of `win` columns, fetched again for each step it spans (per-channel
       # ones, (1, N), every step: the warp-specialized pipeline takes only inputs that follow the step).
-      plgpu.BlockSpec((1, bn), lambda kk: (kk * 0, ni)) if per_channel else
-      plgpu.BlockSpec((bn, win), lambda kk: (ni, (k0 + kk) * blocks // win)),
+      *[plgpu.BlockSpec((1, rows_per_copy), lambda kk, t=t: (kk * 0, row_block(t))) if per_channel else
+        plgpu.BlockSpec((rows_per_copy, win), lambda kk, t=t: (row_block(t), (k0 + kk) * blocks // win))
+        for t in range(copies)],
       plgpu.BlockSpec((mp, _TK * groups), lambda kk: (mi, k0 + kk),
                       transforms=(plgpu.TilingTransform((8, x_sw * 8 // 16)), plgpu.SwizzleTransform(x_sw))),
   ]
-  operands = (*[w_gmem] * boxes, s_gmem, x_gmem)
+  operands = (*[w_gmem] * (boxes * copies), *[s_gmem] * copies, x_gmem)
   # (the interpreter's shared-memory copies of the wgmma operands, one pair per compute warpgroup)
   stash_types = (plgpu.SMEM((wgs, _BN, width), jnp.bfloat16), plgpu.SMEM((wgs, width, mp), jnp.bfloat16))
   # The accumulators are out^T tiles (64 weight rows, R activation rows); they go out as (M, N) rows so that
@@ -490,14 +500,14 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
       def _(acc_ref):
         eval_pipeline(acc_ref)
         if interpret:
-          out[...] = finish(acc_ref[...]).T
+          out[...] = finish(acc_ref[...]).astype(out.dtype).T
         else:
-          _store_transposed(finish(acc_ref[...]), out)
+          _store_transposed(finish(acc_ref[...]).astype(out.dtype), out)
 
     def warp_specialized(*stash):
       stash = tuple(ref.at[wg] for ref in stash)
       plgpu.emit_pipeline_warp_specialized(  # (the body's last ref is the carry, this warpgroup's accumulator)
-          lambda _, *refs: step(_, *refs[:-1], tiles=[(rows, refs[-1])], stash=stash) or refs[-1], grid=(steps,),
+          lambda _, *refs: step(_, *refs[:-1], tiles=[(0, rows, refs[-1])], stash=stash) or refs[-1], grid=(steps,),
           memory_registers=40, in_specs=in_specs, max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=wgs,
           compute_context=compute)(*operands)
 
@@ -509,7 +519,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
 
   def acc_scope(*accs, stash):
     plgpu.emit_pipeline(
-        functools.partial(step, tiles=[(pl.ds(r * _BN, _BN), acc) for r, acc in enumerate(accs)],
+        functools.partial(step, tiles=[(r, pl.ds(0 if pair else r * _BN, _BN), acc) for r, acc in enumerate(accs)],
                           stash=tuple(ref.at[0] for ref in stash)),
         grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages)(*operands)
     return [acc_ref[...] for acc_ref in accs]
@@ -520,22 +530,25 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   accs = pl.run_scoped(with_stash, *stash_types) if interpret else with_stash()
   written = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
 
-  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles, mp, _BN), o_gmem.dtype))
+  # The output tiles: each accumulator in the output dtype, or a pair's silu(gate) * up.
+  results = [xla.swiglu(*map(finish, accs), o_gmem.dtype)] if pair else [finish(a).astype(o_gmem.dtype) for a in accs]
+
+  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((len(results), mp, _BN), o_gmem.dtype))
   def _store(o_smem):
-    for r, acc in enumerate(accs):
+    for r, y in enumerate(results):
       if interpret:
-        o_smem[r] = finish(acc).T
+        o_smem[r] = y.T
       else:
-        _store_transposed(finish(acc), o_smem.at[r])
+        _store_transposed(y, o_smem.at[r])
     plgpu.commit_smem()
-    for r in range(tiles):
+    for r in range(len(results)):
       plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, written)],
-                              o_gmem.at[si, pl.ds(mi * mp, written), pl.ds(ni * bn + r * _BN, _BN)])
+                              o_gmem.at[si, pl.ds(mi * mp, written), pl.ds(ni * (_BN if pair else bn) + r * _BN, _BN)])
     plgpu.wait_smem_to_gmem(0)
 
 
 def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, backend: str = "mosaic",
-                 config: Config | None = None, partials: bool = False) -> jax.Array:
+                 config: Config | None = None, partials: bool = False, swiglu: bool = False) -> jax.Array:
   """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1, or the same weight prepared
   (`lowbit_jax.prepare`: codes stored in the kernel's order, so x is not permuted per call); float32 accumulation.
 
@@ -543,6 +556,11 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   is the product: float32 split-K partial sums (S = the configuration's split), or where K is not split the one
   product in `out_dtype` (S = 1). `backend`: "mosaic" (Hopper GPUs) or "mosaic_interpret" (the Mosaic GPU
   interpreter, any device).
+
+  With `swiglu`, w holds a gate and an up projection, rows [0, N / 2) and [N / 2, N), and the result is
+  silu(gate) * up, (M, N / 2): each product rounded to `out_dtype` as the unfused matmul writes it, then the
+  SwiGLU in float32, rounded once. A program then takes a 64-row gate tile and its up tile, K unsplit, one
+  warpgroup (`config` with split, tiles and wgs 1), and M <= 64 (two accumulators of up to 64 rows).
   """
   fmt = w.format
   prepared = isinstance(w, PreparedWeight)
@@ -562,6 +580,13 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   # A caller taking the partials adds them in one program per row: at most 8 of them, which cost a decode step's
   # norm kernel 1.8 us against 2.2 for 16 where the down projection's kernel times the same (H100, BENCHMARKS.md).
   cfg = config or default_config(n, k, m, bits, max_split=8 if partials else 16)
+  if swiglu:
+    if config is None:  # (the gate/up tile pair counts as the program's two tiles below)
+      cfg = Config(split=1, groups=cfg.groups, stages=2)
+    if n % (2 * _BN) or m > 64 or partials or (cfg.split, cfg.tiles, cfg.wgs) != (1, 1, 1):
+      raise ValueError(f"dequant_gemv(swiglu=True) takes N a multiple of {2 * _BN}, M <= 64, no partials and a "
+                       f"config with split, tiles and wgs 1; got N = {n}, M = {m}, {cfg}.")
+    cfg = dataclasses.replace(cfg, tiles=2)
   bn = _BN * cfg.tiles * cfg.wgs
   if k % (_TK * cfg.groups * cfg.split) or n % bn or cfg.wgs > 1 and cfg.tiles > 1:
     raise ValueError(f"dequant_gemv: {cfg} does not tile N = {n}, K = {k} (steps of {cfg.groups} x {_TK}, "
@@ -595,7 +620,7 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   kernel = functools.partial(_kernel, code=code, block=block, win=win,
                              steps=k // (_TK * cfg.groups * cfg.split), groups=cfg.groups, stages=cfg.stages,
                              tiles=cfg.tiles, wgs=cfg.wgs, mp=r, n_tiles=n // bn, m_tiles=mt, prepared=prepared,
-                             power=power, backend=backend)
+                             power=power, backend=backend, pair=swiglu)
   # Warp-specialized programs store all R rows straight from registers; the others, M rows through TMA (R with
   # more than one row tile). A single K split writes the result in out_dtype; more write float32 partials.
   out_rows = m if cfg.wgs == 1 and mt == 1 else mt * r
@@ -603,7 +628,8 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   final = cfg.split == 1
   parts = _backend.call(
       kernel, backend=backend,
-      out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n), out_dtype if final else jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((cfg.split, out_rows, n // 2 if swiglu else n),
+                                     out_dtype if final else jnp.float32),
       grid=(n // bn * mt, cfg.split), in_specs=None, out_specs=None, name=f"dequant_gemv_{fmt.name}",
       threads=cfg.wgs + 1 if cfg.wgs > 1 else 1)(data, scale, xp, *([] if g is None else [g]))[:, :m]
   if partials:
