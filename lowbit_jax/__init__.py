@@ -8,14 +8,15 @@
 from lowbit_jax.fake_quant import fake_quant
 from lowbit_jax.formats import ELEMENTS, ElementType, Format, formats, get_format, register_format
 from lowbit_jax.hqq import HQQ
-from lowbit_jax.ops import dot_general, einsum, matmul, matmul_summands
+from lowbit_jax.ops import dot_general, einsum, matmul, matmul_summands, matmul_swiglu
 from lowbit_jax.prepared import PreparedWeight, prepare
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize, quantize
 
 __all__ = [
     "ELEMENTS", "ElementType", "Format", "HQQ", "PreparedWeight", "QArray", "dequantize", "dot_general", "einsum",
-    "fake_quant", "formats", "get_format", "matmul", "matmul_summands", "prepare", "quantize", "register_format",
+    "fake_quant", "formats", "get_format", "matmul", "matmul_summands", "matmul_swiglu", "prepare", "quantize",
+    "register_format",
 ]
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize, quantize
 
-__all__ = ["dot_general", "matmul", "matmul_summands", "einsum"]
+__all__ = ["dot_general", "matmul", "matmul_summands", "matmul_swiglu", "einsum"]
 
 
 def _check(lhs, rhs, dimension_numbers):
@@ -215,6 +215,41 @@ def matmul_summands(x, w: QArray | PreparedWeight, *, backend: str | None = None
   if w.axis == 1 and impl in ("mosaic", "interpret"):
     return _mosaic_weight_only(x, w, impl, jnp.float32, partials=True)
   return dot_general(x, w, dims, preferred_element_type=jnp.float32, backend=backend)[None]
+
+
+def matmul_swiglu(x, w: QArray | PreparedWeight, *, backend: str | None = None) -> jax.Array:
+  """silu(gate) * up, (..., F) in x's dtype, where x (..., K) times a quantized weight w, (K, 2F) or K-major (2F, K)
+  blocked along K, gives the gate projection in outputs [0, F) and the up projection in [F, 2F) (a SwiGLU MLP's
+  two input projections as one weight). Each product is rounded to x's dtype as `dot_general` returns it, then
+  `lowbit_jax.xla.swiglu`: float32 arithmetic, one rounding.
+
+  Where the Mosaic GPU kernel runs (K-major weights, up to 64 rows) it computes the SwiGLU in its epilogue, each
+  program taking a gate tile and its up tile, which saves the separate pass over the products; elsewhere
+  `dot_general`, then the same arithmetic. Dispatch (`backend`) as in `dot_general`.
+
+  >>> import jax.numpy as jnp, lowbit_jax as lb
+  >>> w = lb.quantize(jnp.concatenate([jnp.ones((64, 4)), jnp.full((64, 4), 0.5)], axis=1), "mxfp4", axis=0)
+  >>> y = lb.matmul_swiglu(jnp.full((1, 64), 0.125, jnp.bfloat16), w)  # gate 8, up 4
+  >>> y.shape, float(y[0, 0])
+  ((1, 4), 32.0)
+  """
+  if not isinstance(w, (QArray, PreparedWeight)) or w.ndim != 2:
+    raise TypeError(f"matmul_swiglu: w must be a 2-D QArray or PreparedWeight, got {type(w).__name__}.")
+  x = jnp.asarray(x)
+  dims = (((x.ndim - 1,), (w.axis,)), ((), ()))
+  _check(x, w, dims)
+  n = w.shape[1 - w.axis]
+  if n % 2:
+    raise ValueError(f"matmul_swiglu: w must have an even number of outputs (gate, then up), got {n}.")
+  m = math.prod(x.shape[:-1])
+  impl = dispatch.choose(backend, x, w, dims, m)
+  if w.axis == 1 and impl in ("mosaic", "interpret") and m <= 64 and n % 128 == 0:
+    from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
+    y = dequant_gemv(x.reshape(m, x.shape[-1]), w, swiglu=True,
+                     backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
+    return y.reshape(x.shape[:-1] + (n // 2,))
+  y = dot_general(x, w, dims, backend=backend)
+  return xla.swiglu(y[..., :n // 2], y[..., n // 2:], x.dtype)
 
 
 def einsum(spec: str, a, b, *, backend: str | None = None, preferred_element_type=None) -> jax.Array:
