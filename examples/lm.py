@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from lowbit_jax import checkpoint, matmul_summands
+from lowbit_jax import checkpoint, matmul_summands, matmul_swiglu
 from lowbit_jax.flax import QLinear, prepare_model, quantize_model, weight_bytes
 from pallas_kernels.backend import on_gpu
 from pallas_kernels.decode_attention import decode_attention
@@ -169,16 +169,30 @@ class Block(nnx.Module):
                                              n_heads=n_heads, backend=backend)
     x, normed = add_rms_norm(x, _summands(self.attn.o_proj, out.reshape(b, n_heads * hd)), self.mlp_norm.scale[...],
                              eps=self.mlp_norm.epsilon, backend=backend)
-    gate, up = jnp.split(self.mlp.gate_up(normed), 2, axis=-1)
-    return x, _summands(self.mlp.down, jax.nn.silu(gate) * up), (k_cache, v_cache)
+    return x, _summands(self.mlp.down, _swiglu(self.mlp.gate_up, normed)), (k_cache, v_cache)
+
+
+def _weight_only(layer) -> bool:
+  """Whether `layer` is a plain weight-only quantized linear layer, which the decode step may run through the
+  library's fused matmuls instead of its own call."""
+  return isinstance(layer, QLinear) and not layer.qat and layer.activation_format is None and layer.bias is None
 
 
 def _summands(layer, x):
   """A linear layer's output as summands (S, ..., out) for the next kernel to add: a quantized layer's split-K
   partials (`lowbit_jax.matmul_summands`), or the output of any other layer as the one summand."""
-  if isinstance(layer, QLinear) and not layer.qat and layer.activation_format is None and layer.bias is None:
+  if _weight_only(layer):
     return matmul_summands(x, layer.kernel.get_value(), backend=layer.backend)
   return layer(x)[None]
+
+
+def _swiglu(layer, x):
+  """silu(gate) * up from the MLP's gate/up layer: `lowbit_jax.matmul_swiglu` for a quantized layer (on the Mosaic
+  GPU kernel the SwiGLU runs in its epilogue), else the layer's output through XLA's ops."""
+  if _weight_only(layer):
+    return matmul_swiglu(x, layer.kernel.get_value(), backend=layer.backend)
+  gate, up = jnp.split(layer(x), 2, axis=-1)
+  return jax.nn.silu(gate) * up
 
 
 class Transformer(nnx.Module):
