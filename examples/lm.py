@@ -6,7 +6,8 @@ prompt, then a decode loop (`lax.fori_loop`, one token per step, inside one jit)
 three kernels per layer around its matmuls, for bf16 and quantized models alike (`Transformer.decode_step`): the
 attention (RoPE, the KV-cache update, softmax attention; `pallas_kernels/decode_attention.py`) and two residual
 adds each with the RMSNorm after it (`pallas_kernels/rms_norm.py`), which also add up the quantized matmuls'
-split-K partials (`lowbit_jax.matmul_summands`).
+split-K partials (`lowbit_jax.matmul_summands`); a quantized MLP's SwiGLU runs in its gate/up kernel
+(`lowbit_jax.matmul_swiglu`).
 
 For bf16 and each format the report gives the weight memory, the size of its orbax checkpoint on disk (each
 quantized model is saved, and the model measured is the one restored from disk into an abstract model, so nothing

@@ -25,7 +25,8 @@ weight `lowbit_jax.dequantize` returns; the power of two a float decode leaves o
 where they take it, `_POWER`) and fed to wgmma as its register operand, accumulating in float32.
 Programs apply NVFP4's g to their float32 sums. Without split-K they write the result, (M, N) in the output
 dtype; with it, float32 (split, M, N) partials that XLA sums, or that the caller takes as they are (`partials`)
-to add them inside its next kernel. With `wgs` > 1 (the default above 32 rows) a program is warp-specialized:
+to add them inside its next kernel. With `swiglu` a program takes a gate tile and its up tile of a SwiGLU MLP's
+fused (2F, K) weight and writes silu(gate) * up (`lowbit_jax.xla.swiglu`), saving the separate pass. With `wgs` > 1 (the default above 32 rows) a program is warp-specialized:
 that many compute warpgroups, each with its own 64-row weight tile over the shared activation tile and storing its
 R rows straight from registers, and one more warpgroup that issues the TMA copies. Unlike the
 Pallas-Triton kernel of dequant_matmul.py, the weights stream through TMA into shared memory instead of per-thread
