@@ -105,8 +105,8 @@ def test_traced_position_under_jit_reuses_one_compilation():
 def test_lm_decode_step_matches_xla_ops():
   """A one-token step of the example LM (two blocks, cache filled by a prefill) through the decode kernels and
   through XLA's ops: bf16 attention layers, and MLP layers in int4 prepared for the Mosaic GPU kernel (on a Hopper
-  GPU the down projection splits K, and its partials are added inside the next block's norm kernel; elsewhere
-  XLA's matmuls give one summand each)."""
+  GPU the gate/up kernel applies the SwiGLU, and the down projection splits K, its partials added inside the next
+  block's norm kernel; elsewhere XLA's matmuls give one summand each)."""
   cfg = Config(vocab=128, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn=512)
   model = quantized_copy(Transformer(cfg, nnx.Rngs(0)), {"mlp": "int4_g128_sym"}, prepared=True)
   kernel_model = nnx.merge(*nnx.split(model))  # the same weights, run through the decode kernels
