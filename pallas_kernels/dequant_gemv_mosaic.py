@@ -26,11 +26,12 @@ where they take it, `_POWER`) and fed to wgmma as its register operand, accumula
 Programs apply NVFP4's g to their float32 sums. Without split-K they write the result, (M, N) in the output
 dtype; with it, float32 (split, M, N) partials that XLA sums, or that the caller takes as they are (`partials`)
 to add them inside its next kernel. With `swiglu` a program takes a gate tile and its up tile of a SwiGLU MLP's
-fused (2F, K) weight and writes silu(gate) * up (`lowbit_jax.xla.swiglu`), saving the separate pass. With `wgs` > 1 (the default above 32 rows) a program is warp-specialized:
-that many compute warpgroups, each with its own 64-row weight tile over the shared activation tile and storing its
-R rows straight from registers, and one more warpgroup that issues the TMA copies. Unlike the
-Pallas-Triton kernel of dequant_matmul.py, the weights stream through TMA into shared memory instead of per-thread
-loads, which is what bound that kernel at small M (BENCHMARKS.md).
+fused (2F, K) weight and writes silu(gate) * up (`lowbit_jax.xla.swiglu`), saving the separate pass. With `wgs` >
+1 (the default above 32 rows) a program is warp-specialized: that many compute warpgroups, each with its own
+64-row weight tile over the shared activation tile and storing its R rows straight from registers, and one more
+warpgroup that issues the TMA copies. Unlike the Pallas-Triton kernel of dequant_matmul.py, the weights stream
+through TMA into shared memory instead of per-thread loads, which is what bound that kernel at small M
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -532,7 +533,9 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   written = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
 
   # The output tiles: each accumulator in the output dtype, or a pair's silu(gate) * up.
-  results = [xla.swiglu(*map(finish, accs), o_gmem.dtype)] if pair else [finish(a).astype(o_gmem.dtype) for a in accs]
+  results = ([xla.swiglu(*map(finish, accs), o_gmem.dtype)] if pair else
+             [finish(a).astype(o_gmem.dtype) for a in accs])
+  out_bn = _BN if pair else bn  # output columns per program
 
   @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((len(results), mp, _BN), o_gmem.dtype))
   def _store(o_smem):
@@ -544,7 +547,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     plgpu.commit_smem()
     for r in range(len(results)):
       plgpu.copy_smem_to_gmem(o_smem.at[r, pl.ds(0, written)],
-                              o_gmem.at[si, pl.ds(mi * mp, written), pl.ds(ni * (_BN if pair else bn) + r * _BN, _BN)])
+                              o_gmem.at[si, pl.ds(mi * mp, written), pl.ds(ni * out_bn + r * _BN, _BN)])
     plgpu.wait_smem_to_gmem(0)
 
 
