@@ -114,11 +114,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   return y.reshape(lhs.shape[:-1] + (rhs.shape[1],))
 
 
-def _mosaic_weight_only(x, w: QArray | PreparedWeight, impl: str, out_dtype, partials: bool = False) -> jax.Array:
+def _mosaic_weight_only(x, w: QArray | PreparedWeight, impl: str, out_dtype=None, partials: bool = False,
+                        swiglu: bool = False) -> jax.Array:
   """x (..., K) @ w.T on the Mosaic GPU kernel (`impl` "mosaic", or "interpret" for its interpreter): (..., N), or
-  with `partials` the kernel's summands (S, ..., N)."""
+  with `partials` the kernel's summands (S, ..., N), or with `swiglu` silu(gate) * up (..., N / 2)."""
   from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
-  y = dequant_gemv(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype, partials=partials,
+  y = dequant_gemv(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype, partials=partials, swiglu=swiglu,
                    backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
   return y.reshape(y.shape[:-2] + x.shape[:-1] + y.shape[-1:])
 
@@ -243,11 +244,10 @@ def matmul_swiglu(x, w: QArray | PreparedWeight, *, backend: str | None = None) 
     raise ValueError(f"matmul_swiglu: w must have an even number of outputs (gate, then up), got {n}.")
   m = math.prod(x.shape[:-1])
   impl = dispatch.choose(backend, x, w, dims, m)
-  if w.axis == 1 and impl in ("mosaic", "interpret") and m <= 64 and n % 128 == 0:
-    from pallas_kernels.dequant_gemv_mosaic import dequant_gemv
-    y = dequant_gemv(x.reshape(m, x.shape[-1]), w, swiglu=True,
-                     backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
-    return y.reshape(x.shape[:-1] + (n // 2,))
+  if w.axis == 1 and impl in ("mosaic", "interpret"):
+    from pallas_kernels.dequant_gemv_mosaic import swiglu_fits
+    if swiglu_fits(n, m):
+      return _mosaic_weight_only(x, w, impl, swiglu=True)
   y = dot_general(x, w, dims, backend=backend)
   return xla.swiglu(y[..., :n // 2], y[..., n // 2:], x.dtype)
 

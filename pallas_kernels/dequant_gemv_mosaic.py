@@ -51,7 +51,7 @@ from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
 
 __all__ = ["Config", "MAX_M", "activation_rows", "dequant_gemv", "default_config", "folds_scales", "kernel_order",
-           "smem_bytes", "supports"]
+           "smem_bytes", "supports", "swiglu_fits"]
 
 # Float element types by the name of their code in `_widen`, and back.
 _FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float6_e2m3fn": "e2m3", "float6_e3m2fn": "e3m2", "float8_e4m3fn": "e4m3",
@@ -122,6 +122,12 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4, max_split: int = 1
   while stages > 2 and smem_bytes(Config(split, groups, stages, 1, wgs), m, bits, 16) > _backend.HOPPER_SMEM:
     stages -= 1
   return Config(split=split, groups=groups, stages=stages, tiles=1, wgs=wgs)
+
+
+def swiglu_fits(n: int, m: int) -> bool:
+  """Whether `dequant_gemv(swiglu=True)` takes a fused gate/up weight of n rows at M = m: whole 64-row gate and up
+  tiles, and at most 64 activation rows (a program holds two accumulators)."""
+  return n % (2 * _BN) == 0 and m <= 64
 
 
 def supports(fmt: Format, n: int, k: int) -> str | None:
@@ -425,8 +431,11 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   folded = power > 0
   scale_power = power - _POWER[code] if folded and interpret else power
 
-  def finish(acc):  # a float32 accumulator as the program writes it: times NVFP4's g (still float32)
+  def scaled(acc):  # a float32 accumulator times NVFP4's g
     return acc if g_gmem is None else _times_g(acc, g_gmem[0])
+
+  def finish(acc):  # an accumulator as the program writes it
+    return scaled(acc).astype(o_gmem.dtype)
 
   # With `pair` the program's two 64-row tiles are gate rows ni and up rows n_tiles + ni of a (2 F, K) weight,
   # each with its own code and scale copies; otherwise its tiles are rows of one (bn, ...) copy.
@@ -502,9 +511,9 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
       def _(acc_ref):
         eval_pipeline(acc_ref)
         if interpret:
-          out[...] = finish(acc_ref[...]).astype(out.dtype).T
+          out[...] = finish(acc_ref[...]).T
         else:
-          _store_transposed(finish(acc_ref[...]).astype(out.dtype), out)
+          _store_transposed(finish(acc_ref[...]), out)
 
     def warp_specialized(*stash):
       stash = tuple(ref.at[wg] for ref in stash)
@@ -533,8 +542,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   written = min(o_gmem.shape[1], mp)  # (rows this program writes: M with one row tile, else whole tiles)
 
   # The output tiles: each accumulator in the output dtype, or a pair's silu(gate) * up.
-  results = ([xla.swiglu(*map(finish, accs), o_gmem.dtype)] if pair else
-             [finish(a).astype(o_gmem.dtype) for a in accs])
+  results = [xla.swiglu(*map(scaled, accs), o_gmem.dtype)] if pair else list(map(finish, accs))
   out_bn = _BN if pair else bn  # output columns per program
 
   @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((len(results), mp, _BN), o_gmem.dtype))
@@ -587,7 +595,7 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   if swiglu:
     if config is None:  # (the gate/up tile pair counts as the program's two tiles below)
       cfg = Config(split=1, groups=cfg.groups, stages=2)
-    if n % (2 * _BN) or m > 64 or partials or (cfg.split, cfg.tiles, cfg.wgs) != (1, 1, 1):
+    if not swiglu_fits(n, m) or partials or (cfg.split, cfg.tiles, cfg.wgs) != (1, 1, 1):
       raise ValueError(f"dequant_gemv(swiglu=True) takes N a multiple of {2 * _BN}, M <= 64, no partials and a "
                        f"config with split, tiles and wgs 1; got N = {n}, M = {m}, {cfg}.")
     cfg = dataclasses.replace(cfg, tiles=2)
