@@ -43,7 +43,7 @@ def dequantized(q):
 
 # ---------------------------------------------------------------------------------------------------------------
 # HQQ
-@settings(max_examples=8, deadline=None)  # (each example compiles anew: about 1.8 s on a CPU)
+@settings(max_examples=6, deadline=None)  # (each example compiles anew: about 1.8 s on a CPU)
 @given(seed=st.integers(0, 2 ** 16), fmt=st.sampled_from(HQQ_FORMATS), p=st.sampled_from([0.5, 0.7, 1.0]),
        optimize_scale=st.booleans(), outliers=st.booleans())
 def test_hqq_never_worse_than_rtn(seed, fmt, p, optimize_scale, outliers):
