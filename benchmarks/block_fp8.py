@@ -3,8 +3,9 @@
 For each (N, K) weight shape and M: XLA bf16 `a @ b.T`, XLA's per-tensor FP8 GEMM (`a @ b.T` on float8_e4m3fn
 operands: no block scales, its fastest FP8 layout), the Triton kernel (`jax_triton`, where installed), the Mosaic
 GPU kernel in its default configuration (`default_config`: what dispatch runs) and in each configuration asked for
-(K blocks in flight x compute warpgroups x cluster rows x cluster columns, as `4x3x1x2`; 4 stages, 2 warpgroups
-and no cluster where left out). TFLOP/s and the ratios the issue's targets name (>= 1.5x bf16, >= 0.8x XLA's FP8
+(K blocks in flight x compute warpgroups x cluster rows x cluster columns [x clusters launched], as `4x3x1x2`;
+4 stages, 2 warpgroups, no cluster and the default launch where left out; 0 clusters launched: one per tile, no
+persistent programs). TFLOP/s and the ratios the issue's targets name (>= 1.5x bf16, >= 0.8x XLA's FP8
 GEMM) are the default configuration's. Activations and weights are quantized before timing.
 
 Usage (Hopper):
@@ -31,10 +32,11 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672")
   p.add_argument("--ms", default="16,2048,8192")
-  p.add_argument("--configs", default="", help="more Mosaic configurations: stages[xwarpgroups[xrowsxcolumns]]")
+  p.add_argument("--configs", default="",
+                 help="more Mosaic configurations: stages[xwarpgroups[xrowsxcolumns[xprograms]]]")
   a = p.parse_args()
   configs = [[*map(int, c.split("x"))] for c in a.configs.split(",") if c]
-  configs = [tuple(c + [4, 2, 1, 1][len(c):]) for c in configs]  # (stages, warpgroups, cluster rows, columns)
+  configs = [tuple(c + [4, 2, 1, 1, -1][len(c):]) for c in configs]  # (stages, warpgroups, rows, columns, programs)
   print(header())
   print("| M | N | K | bf16 us | XLA FP8 us | Triton us | Mosaic default | us | " +
         "".join(f"{'x'.join(map(str, c))} us | " for c in configs) +
@@ -59,7 +61,9 @@ def main() -> None:
       run = lambda **kw: time_calls(lambda qa, qw: mosaic.fp8_block_matmul(
           qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.bfloat16, backend="mosaic", **kw), qas, qws)
       t = run()
-      ts = [run(stages=c[0], wgs=c[1], cluster=c[2:]) for c in configs]
+      units = lambda c: -(-m // (64 * c[1] * c[2])) * (n // mosaic.BLOCK // c[3])  # clusters of tiles
+      ts = [run(stages=c[0], wgs=c[1], cluster=c[2:4], programs=None if c[4] < 0 else c[4] or units(c))
+            for c in configs]
       wgs, cluster = mosaic.default_config(m, n)
       print(f"| {m} | {n} | {k} | {t_bf16 * 1e6:.0f} | {t_fp8 * 1e6:.0f} | {t_triton * 1e6:.0f} | "
             f"4x{wgs}x{cluster[0]}x{cluster[1]} | {t * 1e6:.0f} | " + "".join(f"{v * 1e6:.0f} | " for v in ts) +

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["BACKENDS", "HOPPER_SMEM", "byte_bits", "call", "div_by", "div_rn", "dot", "fma", "gpu_available",
-           "hopper_available", "in_bounds", "jax_triton_available", "load", "on_gpu", "program_id", "rcp_rn", "store",
-           "tile_mask", "tma_rows", "triton_call"]
+           "hopper_available", "in_bounds", "jax_triton_available", "load", "on_gpu", "program_id", "rcp_rn",
+           "sm_count", "store", "tile_mask", "tma_rows", "triton_call"]
 
 BACKENDS = ("triton", "interpret", "mosaic", "mosaic_interpret")
 HOPPER_SMEM = 227 * 1024  # bytes of shared memory one thread block may take on Hopper (the Mosaic GPU kernels)
@@ -285,6 +285,13 @@ def gpu_available() -> bool:
 def hopper_available() -> bool:
   """Whether the default JAX backend is a Hopper GPU (compute capability 9.x), which Mosaic GPU kernels need."""
   return gpu_available() and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+@functools.cache
+def sm_count() -> int:
+  """Streaming multiprocessors of the default device (what a persistent kernel launches programs for); 132, an
+  H100 SXM's, where the device reports none (a CPU running the interpreter)."""
+  return (getattr(jax.devices()[0], "core_count", None) if gpu_available() else None) or 132
 
 
 def on_gpu(x) -> bool:

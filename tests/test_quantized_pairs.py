@@ -232,6 +232,46 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
                                                                        np.float32))
 
 
+def test_block_fp8_mosaic_default_programs():
+  """Persistent programs (one per SM's worth of clusters) where each gets two tiles or more and the stages divide
+  the K blocks; else one program per tile, and always in the interpreter (which hangs in a pipeline of pipelines)."""
+  from pallas_kernels.fp8_block_matmul_mosaic import default_programs, fp8_block_matmul
+  assert default_programs(1376, 64, 4, (1, 2), "mosaic") == 66  # M = 8192, N = K = 8192: 21 tiles each
+  assert default_programs(1024, 64, 4, (1, 1), "mosaic") == 132
+  assert default_programs(4816, 64, 4, (1, 2), "mosaic") == 66  # M = 8192, N = 28672: 73 tiles each
+  assert default_programs(131, 64, 4, (1, 1), "mosaic") == 131  # fewer than two tiles each
+  assert default_programs(1024, 63, 4, (1, 1), "mosaic") == 1024  # stages do not divide the steps
+  assert default_programs(1024, 64, 4, (1, 1), "mosaic_interpret") == 1024
+  x, w = operands(256, 256, 512)
+  qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
+  with pytest.raises(ValueError, match="programs=3 must be"):
+    fp8_block_matmul(qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.float32, backend="mosaic", programs=3)
+  with pytest.raises(ValueError, match="need backend='mosaic'"):
+    fp8_block_matmul(qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.float32, backend="mosaic_interpret",
+                     programs=2)
+
+
+@pytest.mark.skipif(not pallas_kernels.backend.hopper_available(),
+                    reason="persistent programs run on Hopper only (the interpreter hangs in a pipeline of pipelines)")
+@pytest.mark.parametrize("m, k, n, wgs, cluster, programs", [
+    (1000, 512, 8192, 2, (1, 1), 73), (1000, 512, 8192, 2, (1, 1), 256), (700, 1024, 4096, 3, (1, 2), 21),
+    (1500, 1024, 2048, 2, (2, 1), 16)])
+def test_block_fp8_mosaic_persistent_programs(m, k, n, wgs, cluster, programs):
+  """Persistent programs, each running every `programs`-th tile as one pipeline (tiles per program uneven, ragged
+  M, clusters): the OCP dot, and bit for bit what one program per tile computes."""
+  from pallas_kernels import fp8_block_matmul_mosaic
+  x, w = operands(m, k, n, seed=3)
+  qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
+  call = lambda p: np.asarray(fp8_block_matmul_mosaic.fp8_block_matmul(
+      qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.float32, backend="mosaic", stages=2, wgs=wgs,
+      cluster=cluster, programs=p), np.float64)[:m, :n]
+  units = -(-m // (64 * wgs * cluster[0])) * (n // 128 // cluster[1])
+  y = call(programs)
+  ref, mag = ocp_dot(qa, qw, k_major=True)
+  np.testing.assert_array_less(np.abs(y - ref), 2.0 ** -10 * mag + 1e-30)
+  np.testing.assert_array_equal(y, call(units))
+
+
 @pytest.mark.parametrize("hopper, triton, m, want", [
     (True, True, 2048, "mosaic"), (True, True, 8192, "mosaic"), (True, True, 65, "mosaic"),
     (True, True, 64, "jax_triton"), (True, False, 16, "mosaic"), (False, True, 8192, "jax_triton"),
