@@ -61,9 +61,8 @@ def main() -> None:
       run = lambda **kw: time_calls(lambda qa, qw: mosaic.fp8_block_matmul(
           qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.bfloat16, backend="mosaic", **kw), qas, qws)
       t = run()
-      units = lambda c: -(-m // (64 * c[1] * c[2])) * (n // mosaic.BLOCK // c[3])  # clusters of tiles
-      ts = [run(stages=c[0], wgs=c[1], cluster=c[2:4], programs=None if c[4] < 0 else c[4] or units(c))
-            for c in configs]
+      ts = [run(stages=c[0], wgs=c[1], cluster=c[2:4],
+                programs=None if c[4] < 0 else c[4] or mosaic.tile_count(m, n, c[1], c[2:4])) for c in configs]
       wgs, cluster = mosaic.default_config(m, n)
       print(f"| {m} | {n} | {k} | {t_bf16 * 1e6:.0f} | {t_fp8 * 1e6:.0f} | {t_triton * 1e6:.0f} | "
             f"4x{wgs}x{cluster[0]}x{cluster[1]} | {t * 1e6:.0f} | " + "".join(f"{v * 1e6:.0f} | " for v in ts) +

@@ -191,6 +191,17 @@ def matmul(x, w, *, backend: str | None = None, preferred_element_type=None) -> 
                      preferred_element_type=preferred_element_type)
 
 
+def _weight_operands(name: str, x, w) -> tuple[jax.Array, tuple, int]:
+  """(x as an array, the dimension numbers of x (..., K) times w, the rows M) for `name`(x, w), w a 2-D quantized
+  weight blocked along K; bad operands raise naming `name`."""
+  if not isinstance(w, (QArray, PreparedWeight)) or w.ndim != 2:
+    raise TypeError(f"{name}: w must be a 2-D QArray or PreparedWeight, got {type(w).__name__}.")
+  x = jnp.asarray(x)
+  dims = (((x.ndim - 1,), (w.axis,)), ((), ()))
+  _check(x, w, dims)
+  return x, dims, math.prod(x.shape[:-1])
+
+
 def matmul_summands(x, w: QArray | PreparedWeight, *, backend: str | None = None) -> jax.Array:
   """x (..., K) times a quantized weight w, (K, N) or K-major (N, K), blocked along K, as float32 summands
   (S, ..., N) whose sum over axis 0 is the product `dot_general` returns before its rounding to x's dtype.
@@ -206,12 +217,7 @@ def matmul_summands(x, w: QArray | PreparedWeight, *, backend: str | None = None
   >>> s.shape, s.dtype, float(s.sum(0)[0, 0])
   ((1, 2, 8), dtype('float32'), 64.0)
   """
-  if not isinstance(w, (QArray, PreparedWeight)) or w.ndim != 2:
-    raise TypeError(f"matmul_summands: w must be a 2-D QArray or PreparedWeight, got {type(w).__name__}.")
-  x = jnp.asarray(x)
-  dims = (((x.ndim - 1,), (w.axis,)), ((), ()))
-  _check(x, w, dims)
-  m = math.prod(x.shape[:-1])
+  x, dims, m = _weight_operands("matmul_summands", x, w)
   impl = dispatch.choose(backend, x, w, dims, m)
   if w.axis == 1 and impl in ("mosaic", "interpret"):
     return _mosaic_weight_only(x, w, impl, jnp.float32, partials=True)
@@ -234,15 +240,10 @@ def matmul_swiglu(x, w: QArray | PreparedWeight, *, backend: str | None = None) 
   >>> y.shape, float(y[0, 0])
   ((1, 4), 32.0)
   """
-  if not isinstance(w, (QArray, PreparedWeight)) or w.ndim != 2:
-    raise TypeError(f"matmul_swiglu: w must be a 2-D QArray or PreparedWeight, got {type(w).__name__}.")
-  x = jnp.asarray(x)
-  dims = (((x.ndim - 1,), (w.axis,)), ((), ()))
-  _check(x, w, dims)
+  x, dims, m = _weight_operands("matmul_swiglu", x, w)
   n = w.shape[1 - w.axis]
   if n % 2:
     raise ValueError(f"matmul_swiglu: w must have an even number of outputs (gate, then up), got {n}.")
-  m = math.prod(x.shape[:-1])
   impl = dispatch.choose(backend, x, w, dims, m)
   if w.axis == 1 and impl in ("mosaic", "interpret"):
     from pallas_kernels.dequant_gemv_mosaic import swiglu_fits

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
 
-__all__ = ["BLOCK", "default_config", "default_programs", "fp8_block_matmul"]
+__all__ = ["BLOCK", "default_config", "default_programs", "fp8_block_matmul", "tile_count"]
 
 BLOCK = 128  # K per scale block, output columns per program
 _WG_ROWS = 64  # the wgmma M
@@ -43,7 +43,7 @@ _GROUP = 8  # row tiles launched together over each column tile (they share its 
 
 
 def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: int, wgs: int,
-            cluster: tuple[int, int], m_tiles: int, n_tiles: int, programs: int, backend: str):
+            cluster: tuple[int, int], m_tiles: int, n_tiles: int, units: int, programs: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
   cm, cn = cluster
@@ -99,7 +99,6 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
 
   def scope(allocations, o_smem, *stash):
     stash = stash[0].at[wg] if stash else None
-    units = m_tiles // cm * (n_tiles // cn)  # clusters' worth of tiles
     pid = _backend.program_id(0, backend=backend)
 
     def tile(j, state=None):  # the program's j-th tile: units pid, pid + programs, ...
@@ -141,6 +140,12 @@ def default_config(m: int, n: int, backend: str = "mosaic") -> tuple[int, tuple[
   return 3, ((1, 2) if n // BLOCK % 2 == 0 else (1, 1))
 
 
+def tile_count(m: int, n: int, wgs: int, cluster: tuple[int, int]) -> int:
+  """Clusters' worth of output tiles of an (m, n) product with (64 wgs, 128) tiles in (rows, columns) clusters: what
+  one program computes when there is one per tile."""
+  return -(-m // (wgs * _WG_ROWS * cluster[0])) * (n // BLOCK // cluster[1])
+
+
 def default_programs(units: int, steps: int, stages: int, cluster: tuple[int, int], backend: str) -> int:
   """Clusters to launch for `units` clusters' worth of tiles over `steps` K blocks: as many as the SMs hold
   (persistent) where each then runs two tiles or more and the stages divide the steps (a pipeline of pipelines),
@@ -180,7 +185,7 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
   a = _backend.tma_rows(a)
   sat = jnp.pad(sa.astype(jnp.float32).T, ((0, 0), (0, -m % 4)))
   sb = jnp.pad(sb.astype(jnp.float32)[:, :, None], ((0, 0), (0, 0), (0, _SB_BOX - 1))).reshape(n_tiles, -1)
-  units = m_tiles * n_tiles // (cm * cn)
+  units = tile_count(m, n, wgs, cluster)
   programs = default_programs(units, steps, stages, cluster, backend) if programs is None else programs
   if programs < units and backend != "mosaic":
     raise ValueError("fp8_block_matmul: persistent programs (programs < tiles) need backend='mosaic': the Mosaic GPU "
@@ -189,7 +194,7 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
     raise ValueError(f"fp8_block_matmul: programs={programs} must be the {units} clusters of tiles or at most half "
                      f"of them with K / 128 = {steps} a multiple of the stages ({stages}).")
   kernel = functools.partial(_kernel, steps=steps, stages=stages, wgs=wgs, cluster=cluster, m_tiles=m_tiles,
-                             n_tiles=n_tiles, programs=programs, backend=backend)
+                             n_tiles=n_tiles, units=units, programs=programs, backend=backend)
   # On the GPU the output has M rows, or M rounded up to Mosaic's 8-row tiling: TMA stores only the rows inside the
   # array of a row tile that overhangs it (whole row tiles, then a slice to M, took one more pass over the output:
   # 9-13% of the call at M = 2048 and 8192). The interpreter drops such a store whole: there it has whole tiles.
