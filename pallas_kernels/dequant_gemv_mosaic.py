@@ -341,6 +341,27 @@ def _code_pairs(_, codes, *, code: str, width: int, folded: bool):
           for i in range(0, out.shape[1], per)]
 
 
+def _columns(parts: list[jax.Array], interpret: bool) -> jax.Array:
+  """(64, c) bfloat16 arrays in the wgmma register layout side by side as one (64, c * len(parts)) array: their
+  registers taken as they are (the layout's registers run over 8-column tiles), so a wgmma takes 128 columns of
+  blocks of 32 at once instead of one instruction group per block."""
+  if len(parts) == 1:
+    return parts[0]
+  if interpret:
+    return jnp.concatenate(parts, axis=1)
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  out = plgpu.ShapeDtypeStruct((_BN, sum(p.shape[1] for p in parts)), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * len(parts), return_type=out)
+  def join(_, *arrays):
+    import numpy as np
+    from jax.experimental.mosaic import gpu as mgpu
+    return mgpu.FragmentedArray(_registers=np.concatenate([a.registers for a in arrays], axis=1),
+                                _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+  return join(*parts)
+
+
 def _load_column(ref, col) -> jax.Array:
   """Column `col` (a scalar) of a (64, C) shared-memory ref, in the wgmma row layout (each thread the values of its
   two accumulator rows). Scalar loads: Mosaic GPU's layout inference takes no strided (non-contiguous) refs."""
@@ -420,11 +441,11 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   w_sw = box * bits // 8
   boxes = groups * _TK // box
   bn = _BN * tiles * wgs
-  width = max(block, 32)  # columns per wgmma: one scale block, or two blocks of 16
-  x_sw = plgpu.find_swizzle(width * 16, "rhs")  # one wgmma's activations per 8-row tile
+  width = max(block, 32)  # columns per scale multiply: one scale block, or two blocks of 16
+  x_sw = plgpu.find_swizzle(_TK * 16, "rhs")  # one wgmma's activations (128 columns) per 8-row tile
   g_gmem, o_gmem = refs if len(refs) == 2 else (None, *refs)
   blocks = groups * _TK // block  # scale blocks per step
-  per = width // block  # scale blocks per wgmma slice
+  per = width // block  # scale blocks per slice
   per_channel = win == 1  # the (1, N) row of per-channel scales (blocked ones come in windows of 8 or more)
   # `power`: the 2^p the scales take from the float decode (`_POWER`; 0: each pair multiplies by it). The
   # interpreter widens codes to their values, so its scales take 2^(power - p) instead.
@@ -453,8 +474,9 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     for t, rows, acc_ref in tiles:
       w_smems, s_smem = (w_all[t * boxes:(t + 1) * boxes], s_all[t]) if pair else (w_all, s_all[0])
       for b, w_smem in enumerate(w_smems):
+        scaled = []
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret, folded)):
-          j = b * (box // width) + h  # the wgmma slice of this step
+          j = b * (box // width) + h  # the slice of this step
 
           def scale(i):  # (64, width): the step's scale column i along the slice's rows, as bfloat16
             if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
@@ -471,7 +493,10 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
             a = a * scale(j)
           else:
             a = a * jnp.where(first_block, scale(2 * j), scale(2 * j + 1))
-          xs = x_smem.at[:, pl.ds(j * width, width)]
+          scaled.append(a)
+        for q in range(box // _TK):  # one wgmma per 128 columns, whatever the scale block
+          a = _columns(scaled[q * (_TK // width):(q + 1) * (_TK // width)], interpret)
+          xs = x_smem.at[:, pl.ds((b * (box // _TK) + q) * _TK, _TK)]
           if interpret:  # (and takes no transposed operand)
             a_smem, b_smem = stash
             a_smem[...], b_smem[...] = a, xs[...].T
@@ -498,7 +523,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
   ]
   operands = (*[w_gmem] * (boxes * copies), *[s_gmem] * copies, x_gmem)
   # (the interpreter's shared-memory copies of the wgmma operands, one pair per compute warpgroup)
-  stash_types = (plgpu.SMEM((wgs, _BN, width), jnp.bfloat16), plgpu.SMEM((wgs, width, mp), jnp.bfloat16))
+  stash_types = (plgpu.SMEM((wgs, _BN, _TK), jnp.bfloat16), plgpu.SMEM((wgs, _TK, mp), jnp.bfloat16))
   # The accumulators are out^T tiles (64 weight rows, R activation rows); they go out as (M, N) rows so that
   # the split-K partials are summed over contiguous rows and nothing is transposed after the kernel.
   if wgs > 1:
