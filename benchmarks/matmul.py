@@ -18,6 +18,7 @@ quantized: pre-quantized, and with the activation quantized inside the call (`ac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +128,7 @@ def main() -> None:
 def k_major(args) -> None:
   """Weight-only with K-major (N, K) weights, the layout of the Mosaic GPU kernel: its time, fraction of
   the floor (as in `main`) and speed-ups over XLA bf16, XLA dequantize-then-dot and `lb.matmul` on the same weights
-  stored (K, N), all from this run. `--sweep split:groups:stages:tiles,...` times kernel configs instead;
+  stored (K, N), all from this run. `--sweep split:groups:stages:tiles:wgs,...` times kernel configs instead;
   `--prepared` times the kernel on `lb.prepare`d weights (no per-call permutation of the activations)."""
   bw = copy_bandwidth()
   print(header())
@@ -149,8 +150,13 @@ def k_major(args) -> None:
       floor = max(nbytes / bw, 2 * m * n * k / BF16_PEAK)
       bits = qws[0].format.element_type.bits
       for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k, m, bits)]:
-        t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
-                       xs, kws)
+        c = ":".join(map(str, dataclasses.astuple(cfg)))
+        try:
+          t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
+                         xs, kws)
+        except ValueError as e:  # a config that does not tile the shape or fit shared memory is reported
+          print(f"| {label} | {m} | {n} | {k} | {c} | failed: {e} |", flush=True)
+          continue
         rest = ""
         if not sweep:
           t_x = time_calls(lambda x, w: lb.dot_general(x, w, dn, backend="xla"), xs, qws)
@@ -158,7 +164,6 @@ def k_major(args) -> None:
           t_kn = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, kn)
           rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
           del kn
-        c = f"{cfg.split}:{cfg.groups}:{cfg.stages}:{cfg.tiles}:{cfg.wgs}"
         print(f"| {label} | {m} | {n} | {k} | {c} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {floor / t:.2f} | "
               f"{t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
       del qws, kws
