@@ -233,6 +233,19 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
                                                                        np.float32))
 
 
+@pytest.mark.parametrize("m, k, n", [(130, 4224, 256), (2048, 1024, 512)])
+def test_block_fp8_mosaic_gpu_code_lowers_on_any_machine(m, k, n, monkeypatch):
+  """The GPU-only code (the scales' loads in the wgmma row layout, clusters, persistent programs) lowered for CUDA
+  on any machine, which catches its Python-side errors where no GPU runs it."""
+  from pallas_kernels import backend, fp8_block_matmul_mosaic
+  monkeypatch.setattr(backend, "POISON", False)
+  x, w = operands(m, k, n)
+  qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
+  f = jax.jit(lambda a, sa, b, sb: fp8_block_matmul_mosaic.fp8_block_matmul(
+      a, sa, b, sb, out_dtype=jnp.bfloat16, backend="mosaic"))
+  assert "mosaic_gpu" in f.trace(qa.data, qa.scale, qw.data, qw.scale).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_block_fp8_mosaic_default_programs():
   """Persistent programs (one per SM's worth of clusters) where each gets two tiles or more and the stages divide
   the K blocks; else one program per tile, and always in the interpreter (which hangs in a pipeline of pipelines)."""
