@@ -128,27 +128,34 @@ def _element_values(q: QArray) -> jax.Array:
 def _dequantize(q: QArray, dtype):
   fmt = q.format
   axes = q.blocked_axes
-  v = _element_values(q)
   sizes = _block_sizes(fmt, q.shape, axes)
-  v = jax.lax.slice(v, [0] * v.ndim, _pad_to(q.shape, axes, sizes))
-  vb, red = _split_blocks(v, axes, sizes)
-  s = jnp.expand_dims(q.scale, red)
+
+  def dequantized(scaled):  # the array of `scaled(element values split into blocks, their size axes)`
+    v = _element_values(q)
+    v = jax.lax.slice(v, [0] * v.ndim, _pad_to(q.shape, axes, sizes))
+    out = scaled(*_split_blocks(v, axes, sizes)).reshape(v.shape)
+    return jax.lax.slice(out, [0] * out.ndim, q.shape).astype(dtype)
+
   if fmt.rule == "mx":
-    bits = jax.lax.bitcast_convert_type(s, jnp.uint8).astype(jnp.int32)
+    bits = jax.lax.bitcast_convert_type(q.scale, jnp.uint8).astype(jnp.int32)
     # Results can be subnormal only under scales below 2^(-126 - emin + mantissa); check once per array.
     tiny = jnp.any(bits < 127 - 126 - fmt.element_type.emin + fmt.element_type.mantissa + 1)
-    out = jnp.where(bits == 255, jnp.nan, elements.ldexp_if(tiny, vb, jnp.broadcast_to(bits - 127, vb.shape)))
-  else:
-    sf = s.astype(jnp.float32)
+
+    def mx(ldexp):
+      def scaled(vb, red):
+        e = jnp.expand_dims(bits, red)
+        return jnp.where(e == 255, jnp.nan, ldexp(vb, e - 127))
+      return dequantized(scaled)
+
+    return elements.ldexp_if(tiny, mx)
+
+  def scaled(vb, red):
+    sf = jnp.expand_dims(q.scale, red).astype(jnp.float32)
     if fmt.zero_point:
-      out = sf * (vb - jnp.expand_dims(q.zero_point, red).astype(jnp.float32))
-    elif fmt.tensor_scale:
-      out = vb * sf * q.tensor_scale
-    else:
-      out = vb * sf
-  out = out.reshape(v.shape)
-  out = jax.lax.slice(out, [0] * out.ndim, q.shape)
-  return out.astype(dtype)
+      return sf * (vb - jnp.expand_dims(q.zero_point, red).astype(jnp.float32))
+    return vb * sf * q.tensor_scale if fmt.tensor_scale else vb * sf
+
+  return dequantized(scaled)
 
 
 # The float dtypes the fused kernels read and write.

@@ -90,8 +90,8 @@ def mx_elements(x, e, amax, finite, el: ElementType, u=None):
   nonzero = _positive(amax)
   # Subnormal inputs only matter in blocks of tiny amax (elsewhere they round to zero whatever happens to them).
   tiny = jnp.any(nonzero & (amax < 2.0 ** -100))
-  y = elements.ldexp_if(tiny, x, jnp.broadcast_to(-e, x.shape))
-  return jnp.where(finite & nonzero, elements.round_to_grid(y, el, u), 0.0)
+  return elements.ldexp_if(
+      tiny, lambda ldexp: jnp.where(finite & nonzero, elements.round_to_grid(ldexp(x, -e), el, u), 0.0))
 
 
 def mx_scale(e, finite):
