@@ -474,7 +474,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     for t, rows, acc_ref in tiles:
       w_smems, s_smem = (w_all[t * boxes:(t + 1) * boxes], s_all[t]) if pair else (w_all, s_all[0])
       for b, w_smem in enumerate(w_smems):
-        scaled = []
+        slices = []  # (this box's scaled slices, joined 128 columns per wgmma below)
         for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret, folded)):
           j = b * (box // width) + h  # the slice of this step
 
@@ -493,9 +493,9 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
             a = a * scale(j)
           else:
             a = a * jnp.where(first_block, scale(2 * j), scale(2 * j + 1))
-          scaled.append(a)
+          slices.append(a)
         for q in range(box // _TK):  # one wgmma per 128 columns, whatever the scale block
-          a = _columns(scaled[q * (_TK // width):(q + 1) * (_TK // width)], interpret)
+          a = _columns(slices[q * (_TK // width):(q + 1) * (_TK // width)], interpret)
           xs = x_smem.at[:, pl.ds((b * (box // _TK) + q) * _TK, _TK)]
           if interpret:  # (and takes no transposed operand)
             a_smem, b_smem = stash
