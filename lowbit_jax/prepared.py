@@ -21,7 +21,9 @@ class PreparedWeight:
   The kernel widens 4- and 6-bit codes to registers in an order that permutes K within every 32
   (`pallas_kernels.dequant_gemv_mosaic.kernel_order`); with a canonical QArray it permutes the activations to
   match on every call, with a PreparedWeight the codes are stored permuted instead, so the activations pass
-  untouched. 8-bit codes are read in order and stored as they are. Scales are stored as in the QArray.
+  untouched; E2M1 codes (MXFP4, NVFP4) also have their bits placed within each 32-bit word so that the kernel
+  decodes most pairs by a rotate and a mask. 8-bit codes are read in order and stored as they are. Scales are
+  stored as in the QArray.
   `folded` (static, found by `prepare` from the scales' values): the kernel may multiply the power of two its
   float decode leaves on each code into the block scales instead of into every pair of codes, one instruction
   fewer per pair (`pallas_kernels.dequant_gemv_mosaic.folds_scales`: MX weights whose scales are all small
@@ -91,7 +93,7 @@ class PreparedWeight:
   def canonical(self) -> QArray:
     """The canonical QArray this weight was prepared from (bit-identical)."""
     from pallas_kernels.dequant_gemv_mosaic import kernel_order
-    return self._layout(kernel_order(self.data, self.format.element_type.bits))
+    return self._layout(kernel_order(self.data, self.format.element_type))
 
   def dequantize(self, dtype=None) -> jax.Array:
     """`lowbit_jax.dequantize` of the canonical weight."""
@@ -133,7 +135,7 @@ def prepare(w: QArray) -> PreparedWeight:
   if reason:
     raise (ValueError if isinstance(w, QArray) else TypeError)(f"prepare: {reason}.")
   (data, scale, tensor_scale, _), aux = w.tree_flatten()
-  return PreparedWeight(kernel_order(data, w.format.element_type.bits, inverse=True), scale, tensor_scale, aux=aux,
+  return PreparedWeight(kernel_order(data, w.format.element_type, inverse=True), scale, tensor_scale, aux=aux,
                         folded=folds_scales(w))
 
 

@@ -19,10 +19,11 @@ shared memory; the scales come as stored, a 16-byte window of each row's (N, K /
 in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
 every 32 and the activations to match, or with `lowbit_jax.prepare`d weights the codes stored in that order and
-the activations read as they are; FP6 the same order, from bytes each thread loads; FP8: a byte permute, shift
-and mask per pair; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the
-weight `lowbit_jax.dequantize` returns; the power of two a float decode leaves on its codes goes into the scales
-where they take it, `_POWER`) and fed to wgmma as its register operand, accumulating in float32.
+the activations read as they are, E2M1 bits placed for a rotate-and-mask decode; FP6 the same order, from bytes
+each thread loads; FP8: a byte permute, shift and mask per pair; see `_widen`), multiplied by its scales (one
+bfloat16 rounding of v * s, which is exactly the weight `lowbit_jax.dequantize` returns; the power of two a float
+decode leaves on its codes goes into the scales where they take it, `_POWER`) and fed to wgmma as its register
+operand, accumulating in float32.
 Programs apply NVFP4's g to their float32 sums. Without split-K they write the result, (M, N) in the output
 dtype; with it, float32 (split, M, N) partials that XLA sums, or that the caller takes as they are (`partials`)
 to add them inside its next kernel. With `swiglu` a program takes a gate tile and its up tile of a SwiGLU MLP's
@@ -66,6 +67,13 @@ _FP8, _FP6 = ("e4m3", "e5m2"), ("e2m3", "e3m2")
 # E8M0 scale is at most 2^(127 - p) (`folds_scales`, checked once by `lowbit_jax.prepare`).
 _POWER = {"e2m1": 126, "e2m3": 126, "e3m2": 124, "e4m3": 120, "e5m2": 112}
 _NVFP4_SHIFT = 8
+# Prepared E2M1 words: the bit layout that decodes pair j (codes j and j + 4 of the word, the low and high bfloat16)
+# by rotating the word right by _E2M1_ROTATE[j] and masking: bit i (m, e0, e1, s) of code c at its bf16 place
+# (6, 7, 8, 15) + 16 * (c // 4) plus that rotation, mod 32. Four such pairs cannot tile a word, so pair 3 keeps its
+# mantissa bits in place and rotates the other three by 8 (a mask, a rotate and a lop3).
+_E2M1_ROTATE = (2, 6, 12, 8)
+_E2M1_BITS = tuple(tuple((place + 16 * (c // 4) + (0 if c % 4 == 3 and i == 0 else _E2M1_ROTATE[c % 4])) % 32
+                         for i, place in enumerate((6, 7, 8, 15))) for c in range(8))
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
@@ -172,22 +180,49 @@ def _relabel_k(a: jax.Array, axis: int, inverse: bool = False) -> jax.Array:
   return jnp.moveaxis(a.reshape(k, *rest), 0, axis)
 
 
-def kernel_order(data: jax.Array, bits: int, *, inverse: bool = False) -> jax.Array:
-  """Packed (..., N, K') codes of `bits`-bit elements, packed along the last axis (K; REFERENCE section 3), from the
-  kernel's storage order to the canonical one (`inverse`: into the kernel's; `lowbit_jax.prepare`). 4- and 6-bit
-  codes are permuted within every 32 along K so that the code `_widen` places at register column c is the weight's
-  column c: stored position 8t + 4e + j holds column 8j + 2t + e. 8-bit codes are read in order: unchanged."""
+def _e2m1_bits(codes: jax.Array, inverse: bool = False) -> jax.Array:
+  """4-bit codes (..., K), K a multiple of 8, from the bit layout of prepared E2M1 words to plain codes, each 8
+  consecutive codes one 32-bit word (`inverse`: plain codes into that layout). Bit i (0: m, 1: e0, 2: e1, 3: s) of
+  code c (c < 8; pair c % 4, half c // 4) sits at `_E2M1_BITS[c][i]`."""
+  w = codes.astype(jnp.uint32).reshape(*codes.shape[:-1], -1, 8)
+  bit = lambda c, i: (w[..., c] >> i) & 1  # bit i of code c as the array holds it
+  out = [0] * 8
+  for c in range(8):
+    for i, p in enumerate(_E2M1_BITS[c]):
+      if inverse:
+        out[p // 4] = out[p // 4] | bit(c, i) << (p % 4)
+      else:
+        out[c] = out[c] | bit(p // 4, p % 4) << i
+  return jnp.stack(out, axis=-1).reshape(codes.shape).astype(codes.dtype)
+
+
+def kernel_order(data: jax.Array, element, *, inverse: bool = False) -> jax.Array:
+  """Packed (..., N, K') codes of `element` (a `lowbit_jax.formats.ElementType`), packed along the last
+  axis (K; REFERENCE section 3), from the kernel's storage order to the canonical one (`inverse`: into the kernel's;
+  `lowbit_jax.prepare`). 4- and 6-bit codes are permuted within every 32 along K so that the code `_widen` places
+  at register column c is the weight's column c: stored position 8t + 4e + j holds column 8j + 2t + e. E2M1 codes
+  then have their bits moved within each 32-bit word (`_E2M1_BITS`) so that 3 of its 4 bfloat16 pairs decode by a
+  rotate and a mask. 8-bit codes are read in order: unchanged."""
+  bits = element.bits
   if bits == 8:
     return data
   k = data.ndim - 1  # (leading axes: weights stacked over layers)
-  return packing.pack(_relabel_k(packing.unpack(data, bits, axis=k), axis=k, inverse=inverse), bits, axis=k)
+  codes = packing.unpack(data, bits, axis=k)
+  e2m1 = _FLOAT_CODES.get(element.name) == "e2m1"
+  if e2m1 and not inverse:
+    codes = _e2m1_bits(codes)
+  codes = _relabel_k(codes, axis=k, inverse=inverse)
+  if e2m1 and inverse:
+    codes = _e2m1_bits(codes, inverse=True)
+  return packing.pack(codes, bits, axis=k)
 
 
-def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool) -> list[jax.Array]:
+def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepared: bool) -> list[jax.Array]:
   """A (64, box) code tile in shared memory as bfloat16 values in the wgmma register layout, one (64, width) array
   per `width` columns (`width`: a scale block of 32 to 128 columns, or two of 16). `code`: "int8", "e4m3",
   "e5m2" (8-bit codes, arriving as int8), "e2m3", "e3m2" (6-bit codes, arriving as their bytes), "int4" or "e2m1"
-  (arriving as int4). Float codes come as their values v, or with `folded` (on the GPU) as v * 2^-p (`_POWER`).
+  (arriving as int4; `prepared` E2M1 words in the bit layout of `_E2M1_BITS`). Float codes come as their values
+  v, or with `folded` (on the GPU) as v * 2^-p (`_POWER`).
 
   int8 codes convert in place; FP8 codes a pair at a time (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with
   the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
@@ -206,6 +241,7 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool) -> list
       v = lax.bitcast_convert_type(v, jnp.dtype(_CODE_ELEMENTS[code]))
     elif code in _CODE_ELEMENTS:
       v = packing.unpack(v, 6, axis=1) if six else v.astype(jnp.int32) & 15
+      v = _e2m1_bits(v) if code == "e2m1" and prepared else v
       v = elements.decode(v, ELEMENTS[_CODE_ELEMENTS[code]])
     v = v.astype(jnp.bfloat16)
     a = v if code in _FP8 else _relabel_k(v, axis=1)
@@ -218,7 +254,7 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool) -> list
   layout = plgpu.Layout.WGMMA if code in _FP8 else plgpu.Layout.WGMMA_UPCAST_4X
   codes = plgpu.load(w_smem, None, layout=layout)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
-      functools.partial(_code_pairs, code=code, width=width, folded=folded))(codes)
+      functools.partial(_code_pairs, code=code, width=width, folded=folded, prepared=prepared))(codes)
 
 
 def _times_power(code: str, folded: bool) -> str:
@@ -293,13 +329,22 @@ def _byte_pair_ptx(code: str, folded: bool) -> str:
           + _times_power(code, folded))
 
 
-def _pair_ptx(code: str, j: int, folded: bool) -> str:
-  """PTX for one bf16 pair from a 32-bit register $1 of codes 0-7: codes j and j + 4, at bits 4j and 16 + 4j.
+def _pair_ptx(code: str, j: int, folded: bool, prepared: bool) -> str:
+  """PTX for one bf16 pair from a 32-bit register $1 of codes 0-7: codes j and j + 4, at bits 4j and 16 + 4j (or,
+  for prepared E2M1 weights, where `_E2M1_BITS` puts them).
 
   int4: shift the pair to bits 0 and 16, OR each nibble into the mantissa of 0x4300 (128.0) with its sign bit
   flipped (lop3 (a & b) ^ c), giving 136 + q exactly, then subtract 136. E2M1: the magnitude bits to bf16 bits 6-8
-  and the sign to bit 15, each by its own shift of $1 (no shift of the pair first), make the bf16 of v * 2^-126
-  (0.5 is a bf16 subnormal, kept by bf16 arithmetic), then `_times_power`."""
+  and the sign to bit 15 make the bf16 of v * 2^-126 (0.5 is a bf16 subnormal, kept by bf16 arithmetic), then
+  `_times_power`: each by its own shift of $1 (no shift of the pair first), or, prepared, one rotate of $1 and a
+  mask (pair 3: its mantissa bits masked in place, the rest rotated in by a lop3)."""
+  if code == "e2m1" and prepared:
+    rot = f"shf.r.wrap.b32 t, $1, $1, {_E2M1_ROTATE[j]};"
+    if j < 3:
+      return rot + " and.b32 t, t, 0x81C081C0; " + _times_power(code, folded)
+    return ("and.b32 m, $1, 0x00400040; " + rot + " lop3.b32 t, m, t, 0x81808180, 0xF8; "
+            + _times_power(code, folded))
+
   def shift(dst, n):  # $1 moved left by n bits (right for negative n)
     return f"shl.b32 {dst}, $1, {n};" if n > 0 else f"shr.u32 {dst}, $1, {-n};" if n < 0 else f"mov.b32 {dst}, $1;"
   if code == "int4":
@@ -309,7 +354,7 @@ def _pair_ptx(code: str, j: int, folded: bool) -> str:
           " lop3.b32 t, m, t, 0x80008000, 0xF8; " + _times_power(code, folded))
 
 
-def _code_pairs(_, codes, *, code: str, width: int, folded: bool):
+def _code_pairs(_, codes, *, code: str, width: int, folded: bool, prepared: bool):
   """Mosaic GPU (lane level): codes to bf16 in the WGMMA layout, split into `width`-column arrays. FP8 codes come
   in the WGMMA layout itself, two per register (`_byte_pair_ptx`); 4-bit codes in the WGMMA_UPCAST_4X layout, 8
   per register, as `_widen` describes (`_pair_ptx` per pair)."""
@@ -335,7 +380,7 @@ def _code_pairs(_, codes, *, code: str, width: int, folded: bool):
     for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
       word = utils.bitcast(reg, i32)
       for j in range(4):
-        out[(idx[0], 4 * idx[1] + j, *idx[2:])] = asm(word, _pair_ptx(code, j, folded))
+        out[(idx[0], 4 * idx[1] + j, *idx[2:])] = asm(word, _pair_ptx(code, j, folded, prepared))
   per = width // 8  # 8-column register tiles per array
   return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
           for i in range(0, out.shape[1], per)]
@@ -475,7 +520,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
       w_smems, s_smem = (w_all[t * boxes:(t + 1) * boxes], s_all[t]) if pair else (w_all, s_all[0])
       for b, w_smem in enumerate(w_smems):
         slices = []  # (this box's scaled slices, joined 128 columns per wgmma below)
-        for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret, folded)):
+        for h, a in enumerate(_widen(w_smem.at[rows], code, width, interpret, folded, prepared)):
           j = b * (box // width) + h  # the slice of this step
 
           def scale(i):  # (64, width): the step's scale column i along the slice's rows, as bfloat16
