@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lowbit_jax import elements, packing, xla
-from lowbit_jax.formats import ELEMENTS, Format
+from lowbit_jax.formats import ELEMENTS, ElementType, Format
 from lowbit_jax.prepared import PreparedWeight
 from lowbit_jax.qarray import QArray
 from pallas_kernels import backend as _backend
@@ -196,8 +196,8 @@ def _e2m1_bits(codes: jax.Array, inverse: bool = False) -> jax.Array:
   return jnp.stack(out, axis=-1).reshape(codes.shape).astype(codes.dtype)
 
 
-def kernel_order(data: jax.Array, element, *, inverse: bool = False) -> jax.Array:
-  """Packed (..., N, K') codes of `element` (a `lowbit_jax.formats.ElementType`), packed along the last
+def kernel_order(data: jax.Array, element: ElementType, *, inverse: bool = False) -> jax.Array:
+  """Packed (..., N, K') codes of `element` (its `bits` and `name`), packed along the last
   axis (K; REFERENCE section 3), from the kernel's storage order to the canonical one (`inverse`: into the kernel's;
   `lowbit_jax.prepare`). 4- and 6-bit codes are permuted within every 32 along K so that the code `_widen` places
   at register column c is the weight's column c: stored position 8t + 4e + j holds column 8j + 2t + e. E2M1 codes
