@@ -71,9 +71,10 @@ _NVFP4_SHIFT = 8
 # by rotating the word right by _E2M1_ROTATE[j] and masking: bit i (m, e0, e1, s) of code c at its bf16 place
 # (6, 7, 8, 15) + 16 * (c // 4) plus that rotation, mod 32. Four such pairs cannot tile a word, so pair 3 keeps its
 # mantissa bits in place and rotates the other three by 8 (a mask, a rotate and a lop3).
+_E2M1_PLACES = (6, 7, 8, 15)  # the bf16 bits of m, e0, e1 and s that make the bf16 of v * 2^-126
 _E2M1_ROTATE = (2, 6, 12, 8)
 _E2M1_BITS = tuple(tuple((place + 16 * (c // 4) + (0 if c % 4 == 3 and i == 0 else _E2M1_ROTATE[c % 4])) % 32
-                         for i, place in enumerate((6, 7, 8, 15))) for c in range(8))
+                         for i, place in enumerate(_E2M1_PLACES)) for c in range(8))
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
@@ -197,8 +198,8 @@ def _e2m1_bits(codes: jax.Array, inverse: bool = False) -> jax.Array:
 
 
 def kernel_order(data: jax.Array, element: ElementType, *, inverse: bool = False) -> jax.Array:
-  """Packed (..., N, K') codes of `element` (its `bits` and `name`), packed along the last
-  axis (K; REFERENCE section 3), from the kernel's storage order to the canonical one (`inverse`: into the kernel's;
+  """Packed (..., N, K') codes of `element` (its `bits` and `name`), packed along the last axis (K; REFERENCE
+  section 3), from the kernel's storage order to the canonical one (`inverse`: into the kernel's;
   `lowbit_jax.prepare`). 4- and 6-bit codes are permuted within every 32 along K so that the code `_widen` places
   at register column c is the weight's column c: stored position 8t + 4e + j holds column 8j + 2t + e. E2M1 codes
   then have their bits moved within each 32-bit word (`_E2M1_BITS`) so that 3 of its 4 bfloat16 pairs decode by a
@@ -339,11 +340,12 @@ def _pair_ptx(code: str, j: int, folded: bool, prepared: bool) -> str:
   `_times_power`: each by its own shift of $1 (no shift of the pair first), or, prepared, one rotate of $1 and a
   mask (pair 3: its mantissa bits masked in place, the rest rotated in by a lop3)."""
   if code == "e2m1" and prepared:
+    mask = lambda places: f"0x{sum(1 << (p + h) for p in places for h in (0, 16)):08X}"  # (both halves)
     rot = f"shf.r.wrap.b32 t, $1, $1, {_E2M1_ROTATE[j]};"
     if j < 3:
-      return rot + " and.b32 t, t, 0x81C081C0; " + _times_power(code, folded)
-    return ("and.b32 m, $1, 0x00400040; " + rot + " lop3.b32 t, m, t, 0x81808180, 0xF8; "
-            + _times_power(code, folded))
+      return rot + f" and.b32 t, t, {mask(_E2M1_PLACES)}; " + _times_power(code, folded)
+    return (f"and.b32 m, $1, {mask(_E2M1_PLACES[:1])}; " + rot
+            + f" lop3.b32 t, m, t, {mask(_E2M1_PLACES[1:])}, 0xF8; " + _times_power(code, folded))
 
   def shift(dst, n):  # $1 moved left by n bits (right for negative n)
     return f"shl.b32 {dst}, $1, {n};" if n > 0 else f"shr.u32 {dst}, $1, {-n};" if n < 0 else f"mov.b32 {dst}, $1;"
