@@ -32,9 +32,17 @@ def time_calls(fn: Callable, xs: Sequence, ws: Sequence) -> float:
   """Seconds per call of fn(x, w): the calls fn(xs[i], ws[i]) unrolled in one jit.
 
   Every call gets its own activation and its own weights: XLA merges dots that share an operand and reuses a
-  dequantized weight across calls, and repeated weights that fit in L2 would be read from it.
+  dequantized weight across calls, and repeated weights that fit in L2 would be read from it. The operands go
+  into the jit as their flat leaves and are rebuilt inside: flattening QArrays and PreparedWeights (custom pytree
+  nodes, flattened in Python) took longer per jit call than the GPU work of short calls (MXFP8 x MXFP4 at
+  8192^2, M = 16: 29.9 us per call against 23.9 from leaves; H100, BENCHMARKS.md), which timed the harness.
   """
   if len(xs) != len(ws):
     raise ValueError("time_calls: one weight set per call")
-  f = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
-  return bench(f, list(xs), list(ws), iters=5) / len(xs)
+  leaves, tree = jax.tree.flatten((list(xs), list(ws)))
+
+  def calls(leaves):
+    xs, ws = jax.tree.unflatten(tree, leaves)
+    return [fn(x, w) for x, w in zip(xs, ws)]
+
+  return bench(jax.jit(calls), leaves, iters=5) / len(xs)
