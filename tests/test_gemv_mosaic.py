@@ -12,7 +12,6 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax import dispatch
-from pallas_kernels import backend
 from pallas_kernels.backend import hopper_available
 from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
 from reference import ELEMENTS, pack_codes
@@ -235,24 +234,18 @@ def test_matmul_swiglu():
     *[(f, 9, 512) for f in ("int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4", "mxfp8_e4m3",
                             "mxfp6_e2m3")],  # every decode, x padded to whole 8-row tiles
     *[("nvfp4", m, k) for m, k in ((4, 512), (64, 256), (300, 256))]])  # x unpadded (NVFP4: with its g);
-def test_gpu_code_lowers_on_any_machine(fmt, m, k, monkeypatch):  # two warpgroups; tiles of 256 rows
+def test_gpu_code_lowers_on_any_machine(fmt, m, k, cuda_lowering):  # two warpgroups; tiles of 256 rows
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads, TMA's rules for the
   # activation tiles) is not run by the interpreter; lowering it for CUDA on a CPU catches its Python-side errors
-  # where no GPU is present. (Without poisoned outputs: their in-place refs are a run-time device, not part
-  # of the kernel's code.)
-  monkeypatch.setattr(backend, "POISON", False)
+  # where no GPU is present.
   x, w = _operands(m, 256, k, fmt)
-  f = jax.jit(lambda x, w: dequant_gemv(x, w, backend="mosaic"))
-  text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in cuda_lowering(lambda x, w: dequant_gemv(x, w, backend="mosaic"), x, w)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6_e3m2"])
-def test_gpu_code_lowers_with_prepared_weights(fmt, monkeypatch):
-  monkeypatch.setattr(backend, "POISON", False)
+def test_gpu_code_lowers_with_prepared_weights(fmt, cuda_lowering):
   x, w = _operands(9, 256, 512, fmt)
-  f = jax.jit(lambda x, w: dequant_gemv(x, w, backend="mosaic"))
-  assert "mosaic_gpu" in f.trace(x, lb.prepare(w)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in cuda_lowering(lambda x, w: dequant_gemv(x, w, backend="mosaic"), x, lb.prepare(w))
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [

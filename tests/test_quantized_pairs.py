@@ -234,16 +234,15 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
 
 
 @pytest.mark.parametrize("m, k, n", [(130, 4224, 256), (2048, 1024, 8192)])  # (the second: persistent)
-def test_block_fp8_mosaic_gpu_code_lowers_on_any_machine(m, k, n, monkeypatch):
+def test_block_fp8_mosaic_gpu_code_lowers_on_any_machine(m, k, n, cuda_lowering):
   """The GPU-only code (the scales' loads in the wgmma row layout, clusters, persistent programs) lowered for CUDA
   on any machine, which catches its Python-side errors where no GPU runs it."""
-  from pallas_kernels import backend, fp8_block_matmul_mosaic
-  monkeypatch.setattr(backend, "POISON", False)
+  from pallas_kernels import fp8_block_matmul_mosaic
   x, w = operands(m, k, n)
   qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
-  f = jax.jit(lambda a, sa, b, sb: fp8_block_matmul_mosaic.fp8_block_matmul(
-      a, sa, b, sb, out_dtype=jnp.bfloat16, backend="mosaic"))
-  assert "mosaic_gpu" in f.trace(qa.data, qa.scale, qw.data, qw.scale).lower(lowering_platforms=("cuda",)).as_text()
+  f = lambda a, sa, b, sb: fp8_block_matmul_mosaic.fp8_block_matmul(a, sa, b, sb, out_dtype=jnp.bfloat16,
+                                                                     backend="mosaic")
+  assert "mosaic_gpu" in cuda_lowering(f, qa.data, qa.scale, qw.data, qw.scale)
 
 
 def test_block_fp8_mosaic_default_programs():
