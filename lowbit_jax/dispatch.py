@@ -35,8 +35,12 @@ XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
 # K-major weights: the Mosaic kernel (tiles of 256 rows) beat dequantize-then-dot at every M measured for int4
 # (1.04-1.31x at M = 2048 and 8192), MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x; at 4096 0.92-1.01x,
-# at 8192 0.90-0.97x), MXFP8 only below 1024 (1.21-1.31x at 512, 1.00-1.02x at 1024, 0.87-0.88x at 2048); MXFP6
-# 1.37x at 2048 (the switch at 4096 not measured for it): BENCHMARKS.md.
+# at 8192 0.90-0.97x), MXFP8 only below 1024 (1.21-1.31x at 512, 1.00-1.02x at 1024, 0.87-0.88x at 2048; 0.94-1.03x
+# on later builds); MXFP6 1.37x at 2048 (the switch at 4096 not measured for it); MXINT8 0.92x at 2048, so it
+# switches with MXFP8.
+# Quantized pairs with K-major weights stream them through the kernel up to KMAJOR_XLA_FROM_M rows for every
+# format: their XLA path dequantizes both operands and writes float32 (MXFP8 and MXINT8 pairs at M = 2048 on
+# 8192^2 ran 1.05-1.13x faster streamed). BENCHMARKS.md.
 KMAJOR_XLA_FROM_M = 4096
 KMAJOR_FP8_XLA_FROM_M = 1024
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
@@ -97,8 +101,9 @@ def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str
                 "operands)")
 
 
-def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
-  """Returns "pallas", "mosaic", "jax_triton", "interpret" or "xla" for this call."""
+def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int, pair: bool = False) -> str:
+  """Returns "pallas", "mosaic", "jax_triton", "interpret" or "xla" for this call (`pair`: a weight-only call made
+  for a quantized pair, `xla_from_m`)."""
   from pallas_kernels.backend import on_gpu
   backend = backend or "auto"
   if backend not in BACKENDS:
@@ -129,7 +134,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if not on_gpu(lhs):
     return "xla"
   if reason:
-    if not isinstance(lhs, QArray) and m >= xla_from_m(rhs.format, k_major=rhs.axis == 1):
+    if not isinstance(lhs, QArray) and m >= xla_from_m(rhs.format, k_major=rhs.axis == 1, pair=pair):
       return "xla"  # dequantize-then-dot is the weight-only path from here on anyway: nothing to warn about
     _warn_once(reason)
     return "xla"
@@ -140,7 +145,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
   if isinstance(lhs, QArray):  # pairs: block FP8 always runs its kernel; int8 from INT8_KERNEL_FROM_M rows
     return kernel if kernel != "pallas" or m >= INT8_KERNEL_FROM_M else "xla"
   if kernel == "mosaic":
-    return "xla" if m >= xla_from_m(rhs.format, k_major=True) else kernel
+    return "xla" if m >= xla_from_m(rhs.format, k_major=True, pair=pair) else kernel
   return "xla" if m >= xla_from_m(rhs.format) else "pallas"
 
 
@@ -154,13 +159,14 @@ def _missing(kernel: str) -> str | None:
   return None
 
 
-def xla_from_m(fmt, k_major: bool = False) -> float:
+def xla_from_m(fmt, k_major: bool = False, pair: bool = False) -> float:
   """Activation rows from which a weight-only matmul with weights in `fmt`, (K, N) or K-major (N, K), runs
-  dequantize-then-dot on a GPU (inf: never)."""
+  dequantize-then-dot on a GPU (inf: never); `pair`: from which a quantized pair dequantizes both operands
+  instead of streaming its weight through the weight-only path."""
   from pallas_kernels.quantize import supports_cols
   if k_major:
     el = fmt.element_type
-    if el.bits == 8 and el.kind == "float":
+    if el.bits == 8 and (el.kind == "float" or fmt.rule == "mx") and not pair:
       return KMAJOR_FP8_XLA_FROM_M
     return math.inf if el.kind == "int" and el.bits == 4 else KMAJOR_XLA_FROM_M
   return XLA_FROM_M if supports_cols(fmt) is None else XLA_FROM_M_SLOW_DEQUANT

@@ -4,8 +4,8 @@ prefill: up to 256 activation rows in one tile, more in tiles of 256.
 Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K) blocked along K (axis 1), in the
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
 a `jnp.int4` (N, K) array), FP6 codes four per three bytes, or int8, E4M3 or E5M2 codes; symmetric integers with
-bfloat16 scales (N, K / B) for blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4, MXFP6 and
-MXFP8 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which
+bfloat16 scales (N, K / B) for blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4, MXFP6,
+MXFP8 and MXINT8 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which
 multiplies each program's float32 sum (as dequant_matmul.py multiplies its sum) where dequantize rounds v * s * g
 to bfloat16.
 
@@ -142,10 +142,10 @@ def swiglu_fits(n: int, m: int) -> bool:
 def supports(fmt: Format, n: int, k: int) -> str | None:
   """None if the kernel takes a K-major (n, k) weight in `fmt`, else the reason it does not."""
   el = fmt.element_type
-  mx = el.name in _FLOAT_CODES and fmt.scale == "float8_e8m0fnu" and not fmt.tensor_scale
+  mx = (el.name in _FLOAT_CODES or el.name == "int8") and fmt.rule == "mx" and not fmt.tensor_scale
   nv4 = el.name == "float4_e2m1fn" and fmt.rule == "nvfp4" and fmt.block == (16,)
   if not (mx or nv4 or el.kind == "int" and el.bits in (4, 8) and not fmt.zero_point and fmt.rule == "absmax"):
-    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8, MXFP4, MXFP6, MXFP8 and NVFP4 weights"
+    return f"{fmt.name}: the Mosaic kernel takes symmetric int4 / int8, MXFP4, MXFP6, MXFP8, MXINT8 and NVFP4 weights"
   # 4- and 6-bit codes are relabelled within every 32 along K (`_widen`), which keeps blocks of 32 and up intact.
   wide = el.bits == 4 or mx
   if not nv4 and fmt.block not in (((32,), (64,), (_TK,), None) if wide else ((_TK,), None)):
@@ -234,8 +234,8 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepare
   """
   six = code in _FP6
   box = w_smem.shape[1] * 4 // 3 if six else w_smem.shape[1]  # (6-bit codes arrive as their bytes)
-  if code == "int8":
-    return [w_smem[...].astype(jnp.bfloat16)]
+  if code == "int8":  # (MXINT8: blocks of 32 in a box of 128)
+    return _split_columns(w_smem[...].astype(jnp.bfloat16), width, interpret)
   if interpret:  # the same values and relabelling, as array ops
     v = w_smem[...]
     if code in _FP8:
@@ -314,9 +314,7 @@ def _six_bit_pairs(_, ref, *, code: str, width: int, folded: bool):
     words = [asm("prmt.b32 $0, $1, $2, $3;", lo, hi, arith.addi(c(sel), skip)) for sel in (0x4310, 0x5421, 0x6532)]
     for j, (w, off) in enumerate(zip((0, 0, 1, 2), (0, 6, 4, 2))):
       out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(asm(_six_bit_ptx(code, off, folded), words[w]), pair)
-  per = width // 8  # 8-column register tiles per array
-  return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
-          for i in range(0, out.shape[1], per)]
+  return _wgmma_parts(out, width)
 
 
 def _byte_pair_ptx(code: str, folded: bool) -> str:
@@ -383,9 +381,33 @@ def _code_pairs(_, codes, *, code: str, width: int, folded: bool, prepared: bool
       word = utils.bitcast(reg, i32)
       for j in range(4):
         out[(idx[0], 4 * idx[1] + j, *idx[2:])] = asm(word, _pair_ptx(code, j, folded, prepared))
-  per = width // 8  # 8-column register tiles per array
-  return [mgpu.FragmentedArray(_registers=out[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
-          for i in range(0, out.shape[1], per)]
+  return _wgmma_parts(out, width)
+
+
+def _wgmma_parts(registers, width: int) -> list:
+  """(64, width) bfloat16 FragmentedArrays in the wgmma register layout from a grid of its registers whose axis 1
+  runs over 8-column tiles."""
+  from jax.experimental.mosaic import gpu as mgpu
+  per = width // 8
+  return [mgpu.FragmentedArray(_registers=registers[:, i:i + per], _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+          for i in range(0, registers.shape[1], per)]
+
+
+def _split_columns(a: jax.Array, width: int, interpret: bool) -> list[jax.Array]:
+  """A (64, c) bfloat16 array in the wgmma register layout as (64, width) arrays, its registers taken as they are
+  (the inverse of `_columns`)."""
+  if width == a.shape[1]:
+    return [a]
+  if interpret:
+    return [a[:, i:i + width] for i in range(0, a.shape[1], width)]
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=[part] * (a.shape[1] // width))
+  def split(_, a):
+    return _wgmma_parts(a.registers, width)
+
+  return split(a)
 
 
 def _columns(parts: list[jax.Array], interpret: bool) -> jax.Array:
@@ -446,12 +468,17 @@ def _store_transposed(acc, ref):
 
 
 def _scale_bf16(s: jax.Array, power: int = 0) -> jax.Array:
-  """Block scales times 2^power as bfloat16, exactly where that fits (the caller's part, `_POWER`): bfloat16 ones
-  as they are (power 0), E4M3 converted, E8M0 (as its uint8 bits: Hopper converts no E8M0) by bit arithmetic:
-  2^(e + power - 127) is bf16 bits (e + power) << 7, 0 the bf16 subnormal 2^-127, e = 255 NaN."""
+  """Block scales times 2^power as bfloat16, exactly where that fits (the caller's part, `_POWER`, or MXINT8's
+  -6): bfloat16 ones as they are (power 0), E4M3 converted, E8M0 (as its uint8 bits: Hopper converts no E8M0) by
+  bit arithmetic: 2^(e + power - 127) is bf16 bits (e + power) << 7, or below 2^-126 the bf16 subnormal
+  1 << (e + power + 6) (power >= -6), e = 255 NaN."""
   if s.dtype == jnp.uint8:
-    e = s.astype(jnp.int32)
-    bits = jnp.where(e == 255, 0x7FC0, jnp.where(e + power == 0, 0x40, (e + power) << 7))
+    e = s.astype(jnp.int32) + power
+    if power < 0:  # (MXINT8: 2^-133 ... 2^-127 are bf16 subnormals)
+      tiny = jnp.left_shift(1, jnp.clip(e + 6, 0, 6))
+    else:  # (only 2^-127 is: one fewer instruction on the scales' path)
+      tiny = 0x40
+    bits = jnp.where(e == 255 + power, 0x7FC0, jnp.where(e <= 0, tiny, e << 7))
     return lax.bitcast_convert_type(bits.astype(jnp.int16), jnp.bfloat16)
   if s.dtype == jnp.bfloat16:
     return s
@@ -691,6 +718,8 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
   if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, sums times g 2^8 (`_POWER`)
     power = _POWER[code] - _NVFP4_SHIFT
+  elif code == "int8" and fmt.rule == "mx":  # MXINT8: the code q is 2^6 times the element (1.6 fixed point)
+    power = -fmt.element_type.mantissa
   else:  # MX weights prepared with scales that take 2^p (`folds_scales`)
     power = _POWER[code] if prepared and w.folded else 0
   if fmt.block is None:  # (N, 1) per-channel scales are the row (1, N)

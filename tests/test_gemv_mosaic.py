@@ -20,7 +20,7 @@ KERNEL = "mosaic" if hopper_available() else "interpret"
 MOSAIC = "mosaic" if KERNEL == "mosaic" else "mosaic_interpret"  # dequant_gemv's backend for KERNEL
 # (E5M2 and E3M2 share their siblings' code paths but the decode constants, which the exhaustive code test checks)
 FORMATS = ["int4_g128_sym", "int4_g32_sym", "int4_channel_sym", "int8_g128_sym", "int8_channel_sym", "mxfp4", "nvfp4",
-           "mxfp8_e4m3", "mxfp6_e2m3"]
+           "mxfp8_e4m3", "mxfp6_e2m3", "mxint8"]
 DN = (((1,), (1,)), ((), ()))
 
 
@@ -123,15 +123,17 @@ def test_warp_specialized(fmt, m, wgs, programs):
 
 
 @pytest.mark.parametrize("fmt,prepared", [*[(f, False) for f in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2")],
-                                         ("mxfp4", True), ("mxfp8_e5m2", True), ("mxfp6_e3m2", True)])
-def test_every_float_code_decodes_exactly(fmt, prepared):
-  # Each finite FP8 / FP6 / FP4 code (subnormals, both zeros, the largest) in every row, under E8M0 scales from
-  # 2^-12 to 2^12, read out one weight per output through an identity x: the kernel's decode (GPU: byte permutes,
-  # shifts and masks, then two exact bf16 products) against ml_dtypes. FP8 NaN / Inf codes appear only in NaN-scaled
-  # blocks. Prepared, with scales up to 2 (so the decode's power of two moves into the scales: one bf16 product).
+                                         ("mxfp4", True), ("mxfp8_e5m2", True), ("mxfp6_e3m2", True), ("mxint8", False)])
+def test_every_code_decodes_exactly(fmt, prepared):
+  # Each finite FP8 / FP6 / FP4 code (subnormals, both zeros, the largest) or MXINT8 code (-128 ... 127, q / 64) in
+  # every row, under E8M0 scales from 2^-12 to 2^12, read out one weight per output through an identity x: the
+  # kernel's decode (GPU: byte permutes, shifts and masks, then two exact bf16 products) against ml_dtypes / numpy.
+  # FP8 NaN / Inf codes appear only in NaN-scaled blocks. Prepared, with scales up to 2 (so the decode's power of
+  # two moves into the scales: one bf16 product).
   el = lb.get_format(fmt).element_type
   codes = (np.arange(256)[None, :] + 37 * np.arange(64)[:, None]) % (1 << el.bits)  # (64, 256): every code, every row
-  values = codes.astype(np.uint8).view(getattr(ml_dtypes, el.name)).astype(np.float32)  # (FP6: the low 6 bits)
+  values = (codes.astype(np.uint8).view(np.int8) / 64 if el.kind == "int" else  # (FP6: the low 6 bits)
+            codes.astype(np.uint8).view(getattr(ml_dtypes, el.name)).astype(np.float32))
   codes = np.where(np.isfinite(values), codes, 0).astype(np.uint8)
   values = np.where(np.isfinite(values), values, 0)
   exps = 127 + np.random.default_rng(0).integers(-12, 2 if prepared else 13, size=(64, 8))  # E8M0 of 2^-12 ... 2^12
@@ -159,8 +161,9 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   mx = lb.quantize(w.dequantize(jnp.float32), "mxfp4", axis=1)
   assert dispatch.choose(None, x, mx, DN, 4096) == "xla"  # (the others: dequantize-then-dot from 4096 rows)
   assert dispatch.choose(None, x, mx, DN, 2048) == ("mosaic" if KERNEL == "mosaic" else "xla")
-  mx8 = lb.quantize(w.dequantize(jnp.float32), "mxfp8_e4m3", axis=1)  # (MXFP8: from 1024 rows)
-  assert dispatch.xla_from_m(mx8.format, k_major=True) == 1024
+  mx8 = lb.quantize(w.dequantize(jnp.float32), "mxfp8_e4m3", axis=1)  # (8-bit MX: from 1024 rows)
+  for f8 in map(lb.get_format, ("mxfp8_e4m3", "mxint8")):  # (a quantized pair streams them up to 4096)
+    assert dispatch.xla_from_m(f8, k_major=True) == 1024 and dispatch.xla_from_m(f8, k_major=True, pair=True) == 4096
   assert dispatch.choose(None, x, mx8, DN, 1024) == "xla"
   assert dispatch.choose(None, x, mx8, DN, 512) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
@@ -232,7 +235,7 @@ def test_matmul_swiglu():
 
 @pytest.mark.parametrize("fmt,m,k", [
     *[(f, 9, 512) for f in ("int4_g128_sym", "int8_channel_sym", "mxfp4", "int4_g32_sym", "nvfp4", "mxfp8_e4m3",
-                            "mxfp6_e2m3")],  # every decode, x padded to whole 8-row tiles
+                            "mxfp6_e2m3", "mxint8")],  # every decode, x padded to whole 8-row tiles
     *[("nvfp4", m, k) for m, k in ((4, 512), (64, 256), (300, 256))]])  # x unpadded (NVFP4: with its g);
 def test_gpu_code_lowers_on_any_machine(fmt, m, k, cuda_lowering):  # two warpgroups; tiles of 256 rows
   # The GPU-only code (the int4 decode in Mosaic GPU's lane-level IR, register-layout loads, TMA's rules for the
@@ -249,8 +252,8 @@ def test_gpu_code_lowers_with_prepared_weights(fmt, cuda_lowering):
 
 
 @pytest.mark.parametrize("m,n,fmt,dtype,backend,match", [
-    (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP6, MXFP8 and NVFP4"),
-    (2, 128, "mxint8", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP6, MXFP8 and NVFP4"),
+    (2, 128, "int4_g128_asym", jnp.bfloat16, "interpret", "symmetric int4 / int8, MXFP4, MXFP6, MXFP8, MXINT8"),
+    (2, 128, "int2_g32_sym", jnp.bfloat16, "interpret", "MXFP8, MXINT8 and NVFP4"),
     (2, 128, "int8_g32_sym", jnp.bfloat16, "interpret", "groups of 128"),
     (2, 96, "int8_channel_sym", jnp.bfloat16, "interpret", "multiples of 64 and 128"),
     (2, 128, "int4_g128_sym", jnp.bfloat16, "pallas", "its kernel is a 'mosaic' kernel"),
@@ -263,11 +266,11 @@ def test_what_the_kernel_does_not_take(m, n, fmt, dtype, backend, match):
 
 
 @pytest.mark.parametrize("dtype,power", [("float8_e8m0fnu", 0), ("float8_e4m3fn", 0), ("float8_e8m0fnu", 126),
-                                         ("float8_e8m0fnu", 112), ("float8_e4m3fn", 118)])
+                                         ("float8_e8m0fnu", 112), ("float8_e4m3fn", 118), ("float8_e8m0fnu", -6)])
 def test_scales_widen_exactly(dtype, power):
   # Every byte of a one-byte scale (the kernel's own conversion: Hopper has none for E8M0) times 2^power against
-  # ml_dtypes: the E8M0 bf16 subnormal 2^-127 and NaN, E4M3 subnormals, NaN and negative zero; with the float
-  # decode's power of two folded in (E8M0 scales up to 2^(127 - power), which `folds_scales` requires; NVFP4's
+  # ml_dtypes: the E8M0 bf16 subnormal 2^-127 and NaN, E4M3 subnormals, NaN and negative zero; MXINT8's 2^-6
+  # (scales 2^-133 ... 2^-127 bf16 subnormals); with the float decode's power of two folded in (E8M0 scales up to 2^(127 - power), which `folds_scales` requires; NVFP4's
   # E4M3 ones times 2^118, all of them).
   from pallas_kernels.dequant_gemv_mosaic import _scale_bf16
   bits = np.arange(256, dtype=np.uint8)
@@ -282,7 +285,7 @@ def test_scales_widen_exactly(dtype, power):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4_g128_sym", "int8_channel_sym", "mxfp8_e4m3", "mxfp8_e5m2",
-                                 "mxfp6_e2m3", "mxfp6_e3m2"])
+                                 "mxfp6_e2m3", "mxfp6_e3m2", "mxint8"])
 def test_special_weights(fmt):
   # NaN and Inf in a block (NaN scales), a row at the smallest E8M0 scale (2^-127, a bf16 subnormal), a row near
   # the float32 limit: each output column against its own exact dot, so tiny columns are not lost beside huge ones.

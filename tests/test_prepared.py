@@ -121,8 +121,8 @@ def test_stacked_layers_map_and_scan():
 def test_bad_input():
   with pytest.raises(ValueError, match="K-major"):
     lb.prepare(lb.quantize(jnp.ones((256, 128)), "mxfp4", axis=0))
-  with pytest.raises(ValueError, match="mxint8"):
-    lb.prepare(_weight("mxint8"))
+  with pytest.raises(ValueError, match="int8_g32_sym"):
+    lb.prepare(_weight("int8_g32_sym"))
   with pytest.raises(ValueError, match="multiples of 64"):
     lb.prepare(_weight("mxfp4", n=96))
   with pytest.raises(TypeError, match="must be a QArray"):

@@ -59,22 +59,29 @@ def test_quantized_pairs_match_the_ocp_dot(fa, fw, shape):
   assert lb.matmul(qa, qw).dtype == jnp.bfloat16  # lhs's logical dtype by default
 
 
-@pytest.mark.parametrize("m, k_major, streams", [(300, False, False), (300, True, True), (4096, True, False)])
-def test_mx_pairs_stream_the_weight_below_the_weight_only_dequantize_rows(monkeypatch, m, k_major, streams):
+@pytest.mark.parametrize("m, k_major, fw, streams", [(300, False, "mxfp4", False), (300, True, "mxfp4", True),
+                                                     (4096, True, "mxfp4", False), (2048, True, "mxfp8_e4m3", True)])
+def test_mx_pairs_stream_the_weight_below_the_rows_that_dequantize_it(monkeypatch, m, k_major, fw, streams):
   """An MX activation dequantized exactly to bfloat16 times the weight through the weight-only path, below the rows
-  from which that path dequantizes the weight: 256 for (K, N) weights, 4096 for K-major MXFP4 (the Mosaic kernel);
-  the same OCP dot either way."""
-  seen = []
-  choose = dispatch.choose
-  monkeypatch.setattr(dispatch, "choose",
-                      lambda backend, lhs, *a: seen.append(isinstance(lhs, lb.QArray)) or choose(backend, lhs, *a))
+  from which the pair dequantizes the weight: 256 for (K, N) weights, 4096 for K-major ones (the Mosaic kernel;
+  8-bit weights too, which a weight-only call dequantizes from 1024); the same OCP dot either way, rounded once to
+  the output dtype."""
+  seen, choose = [], dispatch.choose
+
+  def recorded(backend, lhs, *args, **kwargs):
+    seen.append(isinstance(lhs, lb.QArray))
+    return choose(backend, lhs, *args, **kwargs)
+
+  monkeypatch.setattr(dispatch, "choose", recorded)
   x, w = operands(m, 64, 64)
   qa = lb.quantize(x, "mxfp8_e4m3", axis=1)
-  qw = lb.quantize(w.T, "mxfp4", axis=1) if k_major else lb.quantize(w, "mxfp4", axis=0)
-  y = lb.dot_general(qa, qw, (((1,), (1 if k_major else 0,)), ((), ())), preferred_element_type=jnp.float32)
+  qw = lb.quantize(w.T, fw, axis=1) if k_major else lb.quantize(w, fw, axis=0)
+  dn = (((1,), (1 if k_major else 0,)), ((), ()))
+  y = lb.dot_general(qa, qw, dn, preferred_element_type=jnp.float32)
   assert seen == [not streams]  # (the call dispatched: a float lhs if the activation was dequantized first)
   ref, mag = ocp_dot(qa, qw, k_major)
   np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 64 * 2.0 ** -23 * mag + 1e-30)
+  np.testing.assert_array_equal(lb.dot_general(qa, qw, dn), y.astype(jnp.bfloat16))
 
 
 def test_int8_pair_is_an_exact_int32_dot():
