@@ -106,6 +106,16 @@ def tma_rows(x: jax.Array) -> jax.Array:
   return x if r <= 8 or r % 8 == 0 else jnp.pad(x, ((0, -r % 8), (0, 0)))
 
 
+def register_load(ref, layout) -> jax.Array:
+  """A Mosaic GPU shared-memory ref, indexed already, loaded into registers in `layout`. JAX 0.11 takes the ref alone
+  (an index argument is deprecated there); 0.10 requires one."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  try:
+    return plgpu.load(ref, layout=layout)
+  except TypeError:  # (JAX 0.10: the index argument is missing)
+    return plgpu.load(ref, None, layout=layout)
+
+
 def program_id(axis: int, *, backend: str):
   """The program's index along grid axis `axis` (`pl.program_id`; the named grid axis of a Mosaic GPU kernel)."""
   if backend.startswith("mosaic"):

@@ -253,7 +253,7 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepare
     return plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[part] * (box // width))(
         functools.partial(_six_bit_pairs, code=code, width=width, folded=folded))(w_smem)
   layout = plgpu.Layout.WGMMA if code in _FP8 else plgpu.Layout.WGMMA_UPCAST_4X
-  codes = plgpu.load(w_smem, None, layout=layout)
+  codes = _backend.register_load(w_smem, layout)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
       functools.partial(_code_pairs, code=code, width=width, folded=folded, prepared=prepared))(codes)
 
@@ -556,7 +556,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
             if interpret:  # the GPU interpreter loads no register layouts and takes wgmma operands from shared memory
               s = s_smem[0, rows] if per_channel else s_smem[rows, first + i]
             elif per_channel:
-              s = plgpu.load(s_smem.at[0, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
+              s = _backend.register_load(s_smem.at[0, rows], plgpu.Layout.WGMMA.reduce(1))
             else:
               s = _load_column(s_smem.at[rows], first + i)
             return lax.broadcast_in_dim(_scale_bf16(s, scale_power), a.shape, [0])
@@ -576,7 +576,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
             a_smem[...], b_smem[...] = a, xs[...].T
             plgpu.wgmma(acc_ref, a_smem, b_smem)
           else:
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(xs, (1, 0)))
+            plgpu.wgmma(acc_ref, a, xs.transpose((1, 0)))
     plgpu.wgmma_wait(0)
 
   rows_per_copy = _BN if pair else bn

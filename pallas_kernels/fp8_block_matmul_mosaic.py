@@ -68,14 +68,14 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
         stash[...] = b_smem[...].T
         plgpu.wgmma(part, a_smem.at[rows], stash)
       else:
-        plgpu.wgmma(part, a_smem.at[rows], plgpu.transpose_ref(b_smem, (1, 0)))
+        plgpu.wgmma(part, a_smem.at[rows], b_smem.transpose((1, 0)))
       return part[...]
 
     part = pl.run_scoped(block, plgpu.ACC((_WG_ROWS, BLOCK)))
     if interpret:  # (the interpreter loads no register layouts)
       sa = sa_smem[0, rows]
     else:
-      sa = plgpu.load(sa_smem.at[0, rows], None, layout=plgpu.Layout.WGMMA.reduce(1))
+      sa = _backend.register_load(sa_smem.at[0, rows], plgpu.Layout.WGMMA.reduce(1))
     scale = sa * sb_smem[0, 0]
     return total + part * lax.broadcast_in_dim(scale, part.shape, [0])
 
