@@ -130,12 +130,13 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
 
 
 def default_config(m: int, n: int, backend: str = "mosaic") -> tuple[int, tuple[int, int]]:
-  """(warpgroups, cluster) from the sweep in BENCHMARKS.md (H100, M = 1024, 2048 and 8192): from 2048 rows, tiles of
+  """(warpgroups, cluster) from the sweeps in BENCHMARKS.md (H100, M = 1024 to 8192): from 1536 rows, tiles of
   192 rows on three warpgroups (a sixth less L2 traffic per product than 128 rows) in pairs of column tiles that
-  share the activation tile by multicast; below, 128-row tiles (fewer rows computed in vain on a ragged M). The
+  share the activation tile by multicast (3-24% faster than 128-row tiles at 1536-1920 rows); below, 128-row tiles
+  (even at 1024 rows, mixed at 1280, and fewer rows computed in vain on a ragged M). The
   interpreter takes two warpgroups and no cluster: it runs no cluster barriers, and a kernel of four warpgroups
   hung in it on a process with one or two host devices (JAX 0.10)."""
-  if m < 2048 or backend == "mosaic_interpret":
+  if m < 1536 or backend == "mosaic_interpret":
     return 2, (1, 1)
   return 3, ((1, 2) if n // BLOCK % 2 == 0 else (1, 1))
 
