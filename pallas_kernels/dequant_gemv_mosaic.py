@@ -5,9 +5,9 @@ Layouts: `x` is (M, K) bfloat16; `w` is a K-major QArray of logical shape (N, K)
 canonical storage of REFERENCE section 3: int4 or E2M1 codes two per byte, low nibble first (the memory layout of
 a `jnp.int4` (N, K) array), FP6 codes four per three bytes, or int8, E4M3 or E5M2 codes; symmetric integers with
 bfloat16 scales (N, K / B) for blocks of B = 128 (int4 also 32 and 64), or (N, 1) per channel; MXFP4, MXFP6,
-MXFP8 and MXINT8 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g, which
-multiplies each program's float32 sum (as dequant_matmul.py multiplies its sum) where dequantize rounds v * s * g
-to bfloat16.
+MXFP8 and MXINT8 with E8M0 scales (N, K / 32); NVFP4 with E4M3 scales (N, K / 16) and the float32 tensor scale g,
+which multiplies each program's float32 sum (as dequant_matmul.py multiplies its sum) where dequantize rounds
+v * s * g to bfloat16.
 
 Swap-AB: out^T (N, R) = W (N, K) @ x^T (K, R), x read in tiles of R = 8 rows or the next power of two up to 256
 (the wgmma N; TMA fills rows past the array with zeros, so x is padded at most to a multiple of 8 rows) and

@@ -122,8 +122,9 @@ def test_warp_specialized(fmt, m, wgs, programs):
   _kernel_equals_exact_dot(x, w, Config(split=2 if programs == 1 else 1, groups=1, stages=2, wgs=wgs))
 
 
-@pytest.mark.parametrize("fmt,prepared", [*[(f, False) for f in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2")],
-                                         ("mxfp4", True), ("mxfp8_e5m2", True), ("mxfp6_e3m2", True), ("mxint8", False)])
+@pytest.mark.parametrize("fmt,prepared", [
+    *[(f, False) for f in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxint8")],
+    ("mxfp4", True), ("mxfp8_e5m2", True), ("mxfp6_e3m2", True)])
 def test_every_code_decodes_exactly(fmt, prepared):
   # Each finite FP8 / FP6 / FP4 code (subnormals, both zeros, the largest) or MXINT8 code (-128 ... 127, q / 64) in
   # every row, under E8M0 scales from 2^-12 to 2^12, read out one weight per output through an identity x: the
@@ -270,8 +271,8 @@ def test_what_the_kernel_does_not_take(m, n, fmt, dtype, backend, match):
 def test_scales_widen_exactly(dtype, power):
   # Every byte of a one-byte scale (the kernel's own conversion: Hopper has none for E8M0) times 2^power against
   # ml_dtypes: the E8M0 bf16 subnormal 2^-127 and NaN, E4M3 subnormals, NaN and negative zero; MXINT8's 2^-6
-  # (scales 2^-133 ... 2^-127 bf16 subnormals); with the float decode's power of two folded in (E8M0 scales up to 2^(127 - power), which `folds_scales` requires; NVFP4's
-  # E4M3 ones times 2^118, all of them).
+  # (scales 2^-133 ... 2^-127 bf16 subnormals); with the float decode's power of two folded in (E8M0 scales up to
+  # 2^(127 - power), which `folds_scales` requires; NVFP4's E4M3 ones times 2^118, all of them).
   from pallas_kernels.dequant_gemv_mosaic import _scale_bf16
   bits = np.arange(256, dtype=np.uint8)
   stored = bits if dtype == "float8_e8m0fnu" else bits.view(ml_dtypes.float8_e4m3fn)
