@@ -24,25 +24,18 @@ def header() -> str:
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
   """Bytes/s of a device read + write pass (negation of a 1 GiB bf16 array)."""
   x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.float32).astype(jnp.bfloat16)
-  t = bench(jax.jit(jnp.negative), x)
+  t = bench(jnp.negative, x)
   return 2 * nbytes / t
 
 
 def time_calls(fn: Callable, xs: Sequence, ws: Sequence) -> float:
-  """Seconds per call of fn(x, w): the calls fn(xs[i], ws[i]) unrolled in one jit.
+  """Seconds per call of fn(x, w): the calls fn(xs[i], ws[i]) unrolled in one jit (`bench`, which passes the
+  operands as flat leaves: flattening QArrays per call had timed the harness, MXFP8 x MXFP4 at 8192^2, M = 16:
+  29.9 us per call against 23.9 from leaves; H100, BENCHMARKS.md).
 
   Every call gets its own activation and its own weights: XLA merges dots that share an operand and reuses a
-  dequantized weight across calls, and repeated weights that fit in L2 would be read from it. The operands go
-  into the jit as their flat leaves and are rebuilt inside: flattening QArrays and PreparedWeights (custom pytree
-  nodes, flattened in Python) took longer per jit call than the GPU work of short calls (MXFP8 x MXFP4 at
-  8192^2, M = 16: 29.9 us per call against 23.9 from leaves; H100, BENCHMARKS.md), which timed the harness.
+  dequantized weight across calls, and repeated weights that fit in L2 would be read from it.
   """
   if len(xs) != len(ws):
     raise ValueError("time_calls: one weight set per call")
-  leaves, tree = jax.tree.flatten((list(xs), list(ws)))
-
-  def calls(leaves):
-    xs, ws = jax.tree.unflatten(tree, leaves)
-    return [fn(x, w) for x, w in zip(xs, ws)]
-
-  return bench(jax.jit(calls), leaves, iters=5) / len(xs)
+  return bench(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)], list(xs), list(ws), iters=5) / len(xs)

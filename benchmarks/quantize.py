@@ -33,9 +33,9 @@ def table(x, names, bw, axis) -> None:
     qf = jax.jit(lambda v, name=name: lb.quantize(v, name, axis=axis))
     q = qf(x)
     moved = x.nbytes + q.nbytes
-    print(_row(name, moved, bench(qf, x), bench(jax.jit(lambda q: lb.dequantize(q)), q), bw), flush=True)
+    print(_row(name, moved, bench(qf, x), bench(lb.dequantize, q), bw), flush=True)
     if q.tensor_scale is not None:
-      qg = jax.jit(lambda v, g, name=name: lb.quantize(v, name, axis=axis, tensor_scale=g))
+      qg = lambda v, g, name=name: lb.quantize(v, name, axis=axis, tensor_scale=g)
       print(_row(f"{name} (given tensor scale)", moved, bench(qg, x, q.tensor_scale), None, bw), flush=True)
 
 
@@ -52,11 +52,10 @@ def sweep(x, names, configs, bw, axis) -> None:
       kw = dict(block_rows=r, block_cols=cols, num_warps=w)
       if axis == 0:  # weights: the column kernel dequantizes; quantize is XLA's
         tq = None
-        td = bench(jax.jit(lambda q: dequantize_cols(q.data, q.scale, fmt, x.dtype, q.tensor_scale, q.zero_point,
-                                                     **kw)), q)
+        td = bench(lambda q: dequantize_cols(q.data, q.scale, fmt, x.dtype, q.tensor_scale, q.zero_point, **kw), q)
       else:
-        tq = bench(jax.jit(lambda v: quantize_rows(v, fmt, q.tensor_scale, **kw)), x)
-        td = bench(jax.jit(lambda d, s: dequantize_rows(d, s, fmt, x.dtype, q.tensor_scale, **kw)), q.data, q.scale)
+        tq = bench(lambda v: quantize_rows(v, fmt, q.tensor_scale, **kw), x)
+        td = bench(lambda d, s: dequantize_rows(d, s, fmt, x.dtype, q.tensor_scale, **kw), q.data, q.scale)
       quant = f"{tq * 1e6:.0f} | {moved / tq / bw:.2f}" if tq else " | "
       print(f"| {name} | {r} x {cols}, {w} | {quant} | {td * 1e6:.0f} | {moved / td / bw:.2f} |", flush=True)
 
