@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -110,10 +111,10 @@ def register_load(ref, layout) -> jax.Array:
   """A Mosaic GPU shared-memory ref, indexed already, loaded into registers in `layout`. JAX 0.11 takes the ref alone
   (an index argument is deprecated there); 0.10 requires one."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
-  try:
-    return plgpu.load(ref, layout=layout)
-  except TypeError:  # (JAX 0.10: the index argument is missing)
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:  # (JAX 0.10)
     return plgpu.load(ref, None, layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def program_id(axis: int, *, backend: str):
