@@ -107,14 +107,19 @@ def tma_rows(x: jax.Array) -> jax.Array:
   return x if r <= 8 or r % 8 == 0 else jnp.pad(x, ((0, -r % 8), (0, 0)))
 
 
+@functools.cache
+def _load_wants_index() -> bool:
+  """Whether Mosaic GPU's `load` requires an index argument (JAX 0.10; 0.11 deprecates it)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  return idx is not None and idx.default is inspect.Parameter.empty
+
+
 def register_load(ref, layout) -> jax.Array:
   """A Mosaic GPU shared-memory ref, indexed already, loaded into registers in `layout`. JAX 0.11 takes the ref alone
   (an index argument is deprecated there); 0.10 requires one."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
-  idx = inspect.signature(plgpu.load).parameters.get("idx")
-  if idx is not None and idx.default is inspect.Parameter.empty:  # (JAX 0.10)
-    return plgpu.load(ref, None, layout=layout)
-  return plgpu.load(ref, layout=layout)
+  return plgpu.load(ref, None, layout=layout) if _load_wants_index() else plgpu.load(ref, layout=layout)
 
 
 def program_id(axis: int, *, backend: str):
