@@ -13,7 +13,7 @@ import pytest
 import lowbit_jax as lb
 from lowbit_jax import dispatch
 from pallas_kernels.backend import hopper_available
-from pallas_kernels.dequant_gemv_mosaic import Config, dequant_gemv
+from pallas_kernels.dequant_gemv_mosaic import Config, _program_tiles, dequant_gemv
 from reference import ELEMENTS, pack_codes
 
 KERNEL = "mosaic" if hopper_available() else "interpret"
@@ -112,6 +112,17 @@ def test_more_rows_than_one_tile(fmt, m, cfg):
   assert _kernel_equals_exact_dot(x, w, cfg).shape == (m, 128)
 
 
+@pytest.mark.parametrize("n_tiles,m_tiles,group", [(64, 8, 8), (3, 20, 8), (5, 3, 8), (4, 7, 2), (2, 5, 1)])
+def test_raster_groups_cover_the_grid_once(n_tiles, m_tiles, group):
+  # Every (weight tile, activation tile) exactly once, the last group smaller where `group` does not divide the
+  # activation tiles; within a group, consecutive programs share a weight tile and run over its activation tiles.
+  tiles = [tuple(int(t) for t in _program_tiles(p, n_tiles, m_tiles, group)) for p in range(n_tiles * m_tiles)]
+  assert sorted(tiles) == sorted(itertools.product(range(n_tiles), range(m_tiles)))
+  size = min(group, m_tiles)
+  assert tiles[:size] == [(0, i) for i in range(size)]
+  assert all(ni < n_tiles and mi // group == p // (group * n_tiles) for p, (ni, mi) in enumerate(tiles))
+
+
 @pytest.mark.parametrize("fmt,m,wgs,programs", [("mxfp4", 40, 2, 2), ("nvfp4", 9, 2, 1), ("int8_channel_sym", 64, 3, 1),
                                                  ("int4_g32_sym", 1, 2, 1)])
 def test_warp_specialized(fmt, m, wgs, programs):
@@ -162,11 +173,11 @@ def test_dot_general_leading_dims_jit_and_dispatch():
   mx = lb.quantize(w.dequantize(jnp.float32), "mxfp4", axis=1)
   assert dispatch.choose(None, x, mx, DN, 4096) == "xla"  # (the others: dequantize-then-dot from 4096 rows)
   assert dispatch.choose(None, x, mx, DN, 2048) == ("mosaic" if KERNEL == "mosaic" else "xla")
-  mx8 = lb.quantize(w.dequantize(jnp.float32), "mxfp8_e4m3", axis=1)  # (8-bit MX: from 1024 rows)
+  mx8 = lb.quantize(w.dequantize(jnp.float32), "mxfp8_e4m3", axis=1)  # (8-bit MX: from 2048 rows)
   for f8 in map(lb.get_format, ("mxfp8_e4m3", "mxint8")):  # (a quantized pair streams them up to 4096)
-    assert dispatch.xla_from_m(f8, k_major=True) == 1024 and dispatch.xla_from_m(f8, k_major=True, pair=True) == 4096
-  assert dispatch.choose(None, x, mx8, DN, 1024) == "xla"
-  assert dispatch.choose(None, x, mx8, DN, 512) == ("mosaic" if KERNEL == "mosaic" else "xla")
+    assert dispatch.xla_from_m(f8, k_major=True) == 2048 and dispatch.xla_from_m(f8, k_major=True, pair=True) == 4096
+  assert dispatch.choose(None, x, mx8, DN, 2048) == "xla"
+  assert dispatch.choose(None, x, mx8, DN, 1024) == ("mosaic" if KERNEL == "mosaic" else "xla")
 
 
 def test_partials_and_summands():
