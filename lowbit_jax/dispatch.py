@@ -35,14 +35,14 @@ XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
 # K-major weights: the Mosaic kernel (tiles of 256 rows) beat dequantize-then-dot at every M measured for int4
 # (1.04-1.31x at M = 2048 and 8192), MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x; at 4096 0.92-1.01x,
-# at 8192 0.90-0.97x), MXFP8 only below 1024 (1.21-1.31x at 512, 1.00-1.02x at 1024, 0.87-0.88x at 2048; 0.94-1.03x
-# on later builds); MXFP6 1.37x at 2048 (the switch at 4096 not measured for it); MXINT8 0.92x at 2048, so it
-# switches with MXFP8.
+# at 8192 0.90-0.97x), MXFP8 and MXINT8 only below 2048 since programs sweep the weights in raster groups of 8
+# activation tiles (`dequant_gemv_mosaic._RASTER`; at (28672, 8192) 1.19-1.23x at 1024, 1.00-1.01x at 2048,
+# 0.88-0.92x at 4096); MXFP6 1.37x at 2048 (the switch at 4096 not measured for it).
 # Quantized pairs with K-major weights stream them through the kernel up to KMAJOR_XLA_FROM_M rows for every
 # format: their XLA path dequantizes both operands and writes float32 (MXFP8 and MXINT8 pairs at M = 2048 on
 # 8192^2 ran 1.05-1.13x faster streamed). BENCHMARKS.md.
 KMAJOR_XLA_FROM_M = 4096
-KMAJOR_FP8_XLA_FROM_M = 1024
+KMAJOR_FP8_XLA_FROM_M = 2048
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
