@@ -144,8 +144,8 @@ def test_every_code_decodes_exactly(fmt, prepared):
   # two moves into the scales: one bf16 product).
   el = lb.get_format(fmt).element_type
   codes = (np.arange(256)[None, :] + 37 * np.arange(64)[:, None]) % (1 << el.bits)  # (64, 256): every code, every row
-  values = (codes.astype(np.uint8).view(np.int8) / 64 if el.kind == "int" else  # (FP6: the low 6 bits)
-            codes.astype(np.uint8).view(getattr(ml_dtypes, el.name)).astype(np.float32))
+  values = (codes.astype(np.uint8).view(np.int8) / 64 if el.kind == "int" else
+            codes.astype(np.uint8).view(getattr(ml_dtypes, el.name)).astype(np.float32))  # (FP6: the low 6 bits)
   codes = np.where(np.isfinite(values), codes, 0).astype(np.uint8)
   values = np.where(np.isfinite(values), values, 0)
   exps = 127 + np.random.default_rng(0).integers(-12, 2 if prepared else 13, size=(64, 8))  # E8M0 of 2^-12 ... 2^12
