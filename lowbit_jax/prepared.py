@@ -22,12 +22,12 @@ class PreparedWeight:
   (`pallas_kernels.dequant_gemv_mosaic.kernel_order`); with a canonical QArray it permutes the activations to
   match on every call, with a PreparedWeight the codes are stored permuted instead, so the activations pass
   untouched; E2M1 codes (MXFP4, NVFP4) also have their bits placed within each 32-bit word so that the kernel
-  decodes most pairs by a rotate and a mask. 8-bit codes are read in order and stored as they are. Scales are
-  stored as in the QArray.
+  decodes most pairs by a rotate and a mask. 8-bit codes are read in order and stored as they are, but for folded
+  MXINT8 ones (below), stored as a sign bit and a 7-bit magnitude. Scales are stored as in the QArray.
   `folded` (static, found by `prepare` from the scales' values): the kernel may multiply the power of two its
   float decode leaves on each code into the block scales instead of into every pair of codes, one instruction
   fewer per pair (`pallas_kernels.dequant_gemv_mosaic.folds_scales`: MX weights whose scales are all small
-  enough, which real weights' are; the others decode as a QArray's do).
+  enough, which real weights' are, and for MXINT8 no code -128; the others decode as a QArray's do).
 
   A pytree (children: the permuted packed `data`, `scale`, `tensor_scale`), so it lives in model params and passes
   through jit. `lowbit_jax.dot_general` runs the kernel on it where dispatch picks the kernel, and every other path
@@ -93,7 +93,7 @@ class PreparedWeight:
   def canonical(self) -> QArray:
     """The canonical QArray this weight was prepared from (bit-identical)."""
     from pallas_kernels.dequant_gemv_mosaic import kernel_order
-    return self._layout(kernel_order(self.data, self.format.element_type))
+    return self._layout(kernel_order(self.data, self.format.element_type, folded=self.folded))
 
   def dequantize(self, dtype=None) -> jax.Array:
     """`lowbit_jax.dequantize` of the canonical weight."""
@@ -135,8 +135,9 @@ def prepare(w: QArray) -> PreparedWeight:
   if reason:
     raise (ValueError if isinstance(w, QArray) else TypeError)(f"prepare: {reason}.")
   (data, scale, tensor_scale, _), aux = w.tree_flatten()
-  return PreparedWeight(kernel_order(data, w.format.element_type, inverse=True), scale, tensor_scale, aux=aux,
-                        folded=folds_scales(w))
+  folded = folds_scales(w)
+  return PreparedWeight(kernel_order(data, w.format.element_type, inverse=True, folded=folded), scale, tensor_scale,
+                        aux=aux, folded=folded)
 
 
 def canonical(tree: Any) -> Any:

@@ -59,13 +59,18 @@ _FLOAT_CODES = {"float4_e2m1fn": "e2m1", "float6_e2m3fn": "e2m3", "float6_e3m2fn
                 "float8_e5m2": "e5m2"}
 _CODE_ELEMENTS = {code: name for name, code in _FLOAT_CODES.items()}
 _FP8, _FP6 = ("e4m3", "e5m2"), ("e2m3", "e3m2")
+# Prepared MXINT8 codes whose scales fold (`folds_scales`) are stored as a sign bit and a 7-bit magnitude m
+# (`kernel_order`), which read as the bf16 subnormal m * 2^-133 once the sign sits at bit 15: the element q / 64
+# times 2^-127, the code's p below; two instructions per pair of codes where two's complement took four.
+_SIGN_MAGNITUDE = "sm8"
+_BYTE_CODES = (*_FP8, _SIGN_MAGNITUDE)  # one code per byte, in the wgmma register layout
 # The decode of a float code v places its bits so that they read as the bfloat16 of v * 2^-p, subnormal codes as
 # bf16 subnormals (`_pair_ptx`); p by code. Then either each pair is multiplied by 2^p, or the block scales are
 # (`_scale_bf16`), which saves an instruction per pair where 2^p times every scale fits in bfloat16: always for
 # NVFP4, whose elements then carry 2^-_NVFP4_SHIFT more and g 2^_NVFP4_SHIFT (E4M3 scales up to 448 times 2^118
 # stay below bfloat16's largest, and at least 2^-9 times 2^-8 above its normals); for MX formats where every
 # E8M0 scale is at most 2^(127 - p) (`folds_scales`, checked once by `lowbit_jax.prepare`).
-_POWER = {"e2m1": 126, "e2m3": 126, "e3m2": 124, "e4m3": 120, "e5m2": 112}
+_POWER = {"e2m1": 126, "e2m3": 126, "e3m2": 124, "e4m3": 120, "e5m2": 112, _SIGN_MAGNITUDE: 127}
 _NVFP4_SHIFT = 8
 # Prepared E2M1 words: the bit layout that decodes pair j (codes j and j + 4 of the word, the low and high bfloat16)
 # by rotating the word right by _E2M1_ROTATE[j] and masking: bit i (m, e0, e1, s) of code c at its bf16 place
@@ -166,13 +171,31 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
 def folds_scales(w: QArray) -> bool:
   """Whether the kernel may multiply the float decode's 2^p (`_POWER`) into the E8M0 block scales of `w`, an MX
   weight, instead of into every pair of codes: when every finite scale is at most 2^(127 - p) (2 for E2M1 and
-  E2M3, 4 for E3M2, 2^7 for E4M3, 2^15 for E5M2). It reads the scales' values, so it is False for traced ones;
-  False for integer formats and for NVFP4 (which the kernel folds regardless, `_NVFP4_SHIFT`)."""
-  code = _FLOAT_CODES.get(w.format.element_type.name)
-  if code is None or w.scale.dtype != jnp.float8_e8m0fnu or isinstance(w.scale, jax.core.Tracer):
+  E2M3, 4 for E3M2, 2^7 for E4M3, 2^15 for E5M2). MXINT8 folds where every scale is at most 1 and no code is -128
+  (which has no 7-bit magnitude): its prepared codes are then stored as sign and magnitude (`kernel_order`). It
+  reads the values, so it is False for traced ones; False for the other integer formats and for NVFP4 (which the
+  kernel folds regardless, `_NVFP4_SHIFT`)."""
+  name = w.format.element_type.name
+  code = _SIGN_MAGNITUDE if name == "int8" and w.format.rule == "mx" else _FLOAT_CODES.get(name)
+  if code is None or w.scale.dtype != jnp.float8_e8m0fnu or any(isinstance(a, jax.core.Tracer)
+                                                                  for a in (w.scale, w.data)):
+    return False
+  if code == _SIGN_MAGNITUDE and bool(jnp.any(lax.bitcast_convert_type(w.data, jnp.int8) == -128)):
     return False
   e = lax.bitcast_convert_type(w.scale, jnp.uint8).astype(jnp.int32)
   return int(jnp.max(jnp.where(e == 255, 0, e), initial=0)) + _POWER[code] <= 254
+
+
+def _sign_magnitude(data: jax.Array, inverse: bool = False) -> jax.Array:
+  """int8 codes (as bytes of any one-byte dtype) from two's complement to a sign bit and a 7-bit magnitude
+  (`inverse`: back); -128 has no such form (`folds_scales` keeps it out)."""
+  b = lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.int32)
+  if inverse:
+    q = jnp.where(b >= 128, -(b & 127), b)
+  else:
+    q = jnp.where(b >= 128, b - 256, b)
+    q = jnp.where(q < 0, 128 - q, q)
+  return lax.bitcast_convert_type((q & 255).astype(jnp.uint8), data.dtype)
 
 
 def _program_tiles(pid, n_tiles: int, m_tiles: int, group: int = _RASTER):
@@ -212,16 +235,18 @@ def _e2m1_bits(codes: jax.Array, inverse: bool = False) -> jax.Array:
   return jnp.stack(out, axis=-1).reshape(codes.shape).astype(codes.dtype)
 
 
-def kernel_order(data: jax.Array, element: ElementType, *, inverse: bool = False) -> jax.Array:
+def kernel_order(data: jax.Array, element: ElementType, *, inverse: bool = False,
+                 folded: bool = False) -> jax.Array:
   """Packed (..., N, K') codes of `element` (its `bits` and `name`), packed along the last axis (K; REFERENCE
   section 3), from the kernel's storage order to the canonical one (`inverse`: into the kernel's;
   `lowbit_jax.prepare`). 4- and 6-bit codes are permuted within every 32 along K so that the code `_widen` places
   at register column c is the weight's column c: stored position 8t + 4e + j holds column 8j + 2t + e. E2M1 codes
   then have their bits moved within each 32-bit word (`_E2M1_BITS`) so that 3 of its 4 bfloat16 pairs decode by a
-  rotate and a mask. 8-bit codes are read in order: unchanged."""
+  rotate and a mask. 8-bit codes are read in order; int8 ones of a `folded` weight (MXINT8, `folds_scales`) are
+  stored as sign and magnitude, the rest unchanged."""
   bits = element.bits
   if bits == 8:
-    return data
+    return _sign_magnitude(data, inverse=not inverse) if folded and element.kind == "int" else data
   k = data.ndim - 1  # (leading axes: weights stacked over layers)
   codes = packing.unpack(data, bits, axis=k)
   e2m1 = _FLOAT_CODES.get(element.name) == "e2m1"
@@ -240,7 +265,8 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepare
   (arriving as int4; `prepared` E2M1 words in the bit layout of `_E2M1_BITS`). Float codes come as their values
   v, or with `folded` (on the GPU) as v * 2^-p (`_POWER`).
 
-  int8 codes convert in place; FP8 codes a pair at a time (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with
+  int8 codes convert in place; FP8 codes and sign-magnitude int8 ones ("sm8", as v * 2^-127) a pair at a time
+  (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with
   the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
   2 codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
   layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's 8-column tile, t the thread's column pair).
@@ -255,19 +281,21 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepare
     v = w_smem[...]
     if code in _FP8:
       v = lax.bitcast_convert_type(v, jnp.dtype(_CODE_ELEMENTS[code]))
+    elif code == _SIGN_MAGNITUDE:
+      v = lax.bitcast_convert_type(_sign_magnitude(v, inverse=True), jnp.int8).astype(jnp.float32) / 64
     elif code in _CODE_ELEMENTS:
       v = packing.unpack(v, 6, axis=1) if six else v.astype(jnp.int32) & 15
       v = _e2m1_bits(v) if code == "e2m1" and prepared else v
       v = elements.decode(v, ELEMENTS[_CODE_ELEMENTS[code]])
     v = v.astype(jnp.bfloat16)
-    a = v if code in _FP8 else _relabel_k(v, axis=1)
+    a = v if code in _BYTE_CODES else _relabel_k(v, axis=1)
     return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
   part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
   if six:  # loaded by the threads themselves: no register layout holds 6-bit codes
     return plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[part] * (box // width))(
         functools.partial(_six_bit_pairs, code=code, width=width, folded=folded))(w_smem)
-  layout = plgpu.Layout.WGMMA if code in _FP8 else plgpu.Layout.WGMMA_UPCAST_4X
+  layout = plgpu.Layout.WGMMA if code in _BYTE_CODES else plgpu.Layout.WGMMA_UPCAST_4X
   codes = _backend.register_load(w_smem, layout)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
       functools.partial(_code_pairs, code=code, width=width, folded=folded, prepared=prepared))(codes)
@@ -333,11 +361,15 @@ def _six_bit_pairs(_, ref, *, code: str, width: int, folded: bool):
 
 
 def _byte_pair_ptx(code: str, folded: bool) -> str:
-  """PTX for one bf16 pair from the two FP8 codes in bits 0-15 of $1. Each code sign-extended into its 16-bit half
-  by one byte permute, then shifted so its exponent and mantissa bits sit at the bottom of the bf16 exponent
-  field and the top of its mantissa (sign at bit 15), gives the bf16 of v * 2^-120 (E4M3) or v * 2^-112 (E5M2):
-  subnormal codes become bf16 subnormals, kept by bf16 arithmetic; then `_times_power`. NaN and Inf codes, which
-  the quantizer stores only in blocks whose scale is NaN (REFERENCE section 2), become finite."""
+  """PTX for one bf16 pair from the two FP8 or sign-magnitude int8 codes in bits 0-15 of $1. Each code
+  sign-extended into its 16-bit half by one byte permute, then shifted so its exponent and mantissa bits sit at
+  the bottom of the bf16 exponent field and the top of its mantissa (sign at bit 15), gives the bf16 of v * 2^-120
+  (E4M3) or v * 2^-112 (E5M2): subnormal codes become bf16 subnormals, kept by bf16 arithmetic; then
+  `_times_power`. NaN and Inf codes, which the quantizer stores only in blocks whose scale is NaN (REFERENCE
+  section 2), become finite. A sign-magnitude code needs no shift: its magnitude m is the mantissa of the bf16
+  subnormal m * 2^-133 (v * 2^-127 for v = +-m / 64), only ever with its scales folded."""
+  if code == _SIGN_MAGNITUDE:
+    return "prmt.b32 t, $1, 0, 0x9180; and.b32 $0, t, 0x807F807F;"
   shift, mask = (4, "0x87F087F0") if code == "e4m3" else (5, "0x8FE08FE0")
   return (f"prmt.b32 t, $1, 0, 0x9180; shl.b32 t, t, {shift}; and.b32 t, t, {mask}; "
           + _times_power(code, folded))
@@ -370,9 +402,9 @@ def _pair_ptx(code: str, j: int, folded: bool, prepared: bool) -> str:
 
 
 def _code_pairs(_, codes, *, code: str, width: int, folded: bool, prepared: bool):
-  """Mosaic GPU (lane level): codes to bf16 in the WGMMA layout, split into `width`-column arrays. FP8 codes come
-  in the WGMMA layout itself, two per register (`_byte_pair_ptx`); 4-bit codes in the WGMMA_UPCAST_4X layout, 8
-  per register, as `_widen` describes (`_pair_ptx` per pair)."""
+  """Mosaic GPU (lane level): codes to bf16 in the WGMMA layout, split into `width`-column arrays. One-byte codes
+  (FP8, sign-magnitude int8) come in the WGMMA layout itself, two per register (`_byte_pair_ptx`); 4-bit codes in
+  the WGMMA_UPCAST_4X layout, 8 per register, as `_widen` describes (`_pair_ptx` per pair)."""
   import numpy as np
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils
@@ -384,7 +416,7 @@ def _code_pairs(_, codes, *, code: str, width: int, folded: bool, prepared: bool
   def asm(word, ptx):
     return utils.bitcast(llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + ptx + " }", "=r,r"), pair)
 
-  if code in _FP8:
+  if code in _BYTE_CODES:
     i16 = ir.IntegerType.get_signless(16)
     ptx = _byte_pair_ptx(code, folded)
     out = np.empty(codes.registers.shape, dtype=object)
@@ -730,6 +762,8 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
   if bits < 8 and not prepared:
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4- and 6-bit codes
   code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
+  if prepared and w.folded and code == "int8":  # (MXINT8 stored as sign and magnitude, `folds_scales`)
+    code = _SIGN_MAGNITUDE
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
   if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, sums times g 2^8 (`_POWER`)
     power = _POWER[code] - _NVFP4_SHIFT

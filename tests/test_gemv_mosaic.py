@@ -135,20 +135,23 @@ def test_warp_specialized(fmt, m, wgs, programs):
 
 @pytest.mark.parametrize("fmt,prepared", [
     *[(f, False) for f in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxint8")],
-    ("mxfp4", True), ("mxfp8_e5m2", True), ("mxfp6_e3m2", True)])
+    ("mxfp4", True), ("mxfp8_e5m2", True), ("mxfp6_e3m2", True), ("mxint8", True)])
 def test_every_code_decodes_exactly(fmt, prepared):
   # Each finite FP8 / FP6 / FP4 code (subnormals, both zeros, the largest) or MXINT8 code (-128 ... 127, q / 64) in
   # every row, under E8M0 scales from 2^-12 to 2^12, read out one weight per output through an identity x: the
   # kernel's decode (GPU: byte permutes, shifts and masks, then two exact bf16 products) against ml_dtypes / numpy.
   # FP8 NaN / Inf codes appear only in NaN-scaled blocks. Prepared, with scales up to 2 (so the decode's power of
-  # two moves into the scales: one bf16 product).
+  # two moves into the scales: one bf16 product; MXINT8 with scales up to 1 and no code -128, stored as sign and
+  # magnitude).
   el = lb.get_format(fmt).element_type
   codes = (np.arange(256)[None, :] + 37 * np.arange(64)[:, None]) % (1 << el.bits)  # (64, 256): every code, every row
   values = (codes.astype(np.uint8).view(np.int8) / 64 if el.kind == "int" else
             codes.astype(np.uint8).view(getattr(ml_dtypes, el.name)).astype(np.float32))  # (FP6: the low 6 bits)
-  codes = np.where(np.isfinite(values), codes, 0).astype(np.uint8)
-  values = np.where(np.isfinite(values), values, 0)
-  exps = 127 + np.random.default_rng(0).integers(-12, 2 if prepared else 13, size=(64, 8))  # E8M0 of 2^-12 ... 2^12
+  kept = np.isfinite(values) & ~(prepared & (el.kind == "int") & (codes == 128))
+  codes = np.where(kept, codes, 0).astype(np.uint8)
+  values = np.where(kept, values, 0)
+  top = (1 if el.kind == "int" else 2) if prepared else 13
+  exps = 127 + np.random.default_rng(0).integers(-12, top, size=(64, 8))  # E8M0 of 2^-12 ... 2^12
   data = jnp.asarray(pack_codes(codes.astype(np.int64), ELEMENTS[el.name]))  # (FP6: four codes per three bytes)
   _, tree = jax.tree_util.tree_flatten(lb.quantize(jnp.ones((64, 256)), fmt, axis=1))
   w = jax.tree_util.tree_unflatten(tree, [data, jnp.asarray(exps.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu))])
@@ -257,7 +260,7 @@ def test_gpu_code_lowers_on_any_machine(fmt, m, k, cuda_lowering):  # two warpgr
   assert "mosaic_gpu" in cuda_lowering(lambda x, w: dequant_gemv(x, w, backend="mosaic"), x, w)
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6_e3m2"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6_e3m2", "mxint8"])
 def test_gpu_code_lowers_with_prepared_weights(fmt, cuda_lowering):
   x, w = _operands(9, 256, 512, fmt)
   assert "mosaic_gpu" in cuda_lowering(lambda x, w: dequant_gemv(x, w, backend="mosaic"), x, lb.prepare(w))

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import lowbit_jax as lb
-from lowbit_jax import checkpoint, dispatch
+from lowbit_jax import QArray, checkpoint, dispatch
 from lowbit_jax.flax import prepare_model, quantize_model
 from lowbit_jax.flax.linen import QDotGeneral, prepare_variables, quantize_params
 from pallas_kernels.backend import hopper_available
@@ -97,10 +97,29 @@ def test_folded_where_every_scale_takes_the_decode_power():
   assert lb.prepare(_weight("mxfp4")).folded and lb.prepare(_weight("mxfp6_e3m2")).folded
   assert not lb.prepare(lb.quantize(jnp.full((128, 256), 24.0), "mxfp4", axis=1)).folded  # a scale of 4
   assert lb.prepare(lb.quantize(jnp.full((128, 256), 24.0), "mxfp8_e4m3", axis=1)).folded  # E4M3: up to 2^7
-  assert not any(lb.prepare(_weight(f)).folded for f in ("int4_g128_sym", "nvfp4"))
+  assert not any(lb.prepare(_weight(f)).folded for f in ("int4_g128_sym", "int8_channel_sym", "nvfp4"))
   seen = []
   jax.jit(lambda w: seen.append(lb.prepare(w).folded) or 0)(_weight("mxfp4"))
   assert seen == [False]
+
+
+def test_mxint8_stored_as_sign_and_magnitude_where_its_scales_fold():
+  # Folded MXINT8 (every scale at most 1, no code -128) stores each code q as a sign bit and |q| (the kernel reads
+  # that byte as the bf16 subnormal |q| * 2^-133 with the sign at bit 15); a scale above 1 or a code -128 (no 7-bit
+  # magnitude) keeps two's complement. Either way the canonical weight comes back bit for bit.
+  small = _weight("mxint8", seed=4)
+  small = lb.quantize(lb.dequantize(small, jnp.float32) / 8, "mxint8", axis=1)  # (scales 2^-2 and below)
+  large = lb.quantize(lb.dequantize(small, jnp.float32) * 16, "mxint8", axis=1)  # (scales 2 and above)
+  (data, *rest), aux = small.tree_flatten()
+  with_min = QArray.tree_unflatten(aux, (data.at[3, 7].set(-128), *rest))
+  for w, folded in ((small, True), (large, False), (with_min, False)):
+    p = lb.prepare(w)
+    assert p.folded == folded
+    q = np.asarray(w.data).astype(np.int64)
+    want = np.where(q < 0, 128 - q, q) if folded else q & 255
+    np.testing.assert_array_equal(np.asarray(p.data).view(np.uint8), want)
+    np.testing.assert_array_equal(np.asarray(p.canonical().data), np.asarray(w.data))
+    np.testing.assert_array_equal(np.asarray(lb.dequantize(p)), np.asarray(lb.dequantize(w)))
 
 
 def test_stacked_layers_map_and_scan():
