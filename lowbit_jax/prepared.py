@@ -22,8 +22,9 @@ class PreparedWeight:
   (`pallas_kernels.dequant_gemv_mosaic.kernel_order`); with a canonical QArray it permutes the activations to
   match on every call, with a PreparedWeight the codes are stored permuted instead, so the activations pass
   untouched; E2M1 codes (MXFP4, NVFP4) also have their bits placed within each 32-bit word so that the kernel
-  decodes most pairs by a rotate and a mask. 8-bit codes are read in order and stored as they are, but for folded
-  MXINT8 ones (below), stored as a sign bit and a 7-bit magnitude. Scales are stored as in the QArray.
+  decodes most pairs by a rotate and a mask. FP8 codes are permuted as 4-bit ones are (the kernel loads them
+  eight at a time), and so are folded MXINT8 ones (below), stored as a sign bit and a 7-bit magnitude; other int8
+  codes are stored as they are. Scales are stored as in the QArray.
   `folded` (static, found by `prepare` from the scales' values): the kernel may multiply the power of two its
   float decode leaves on each code into the block scales instead of into every pair of codes, one instruction
   fewer per pair (`pallas_kernels.dequant_gemv_mosaic.folds_scales`: MX weights whose scales are all small

@@ -20,7 +20,8 @@ in registers (`_scale_bf16`), so no XLA op transposes them per call.
 Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per 32-bit load, K relabelled within
 every 32 and the activations to match, or with `lowbit_jax.prepare`d weights the codes stored in that order and
 the activations read as they are, E2M1 bits placed for a rotate-and-mask decode; FP6 the same order, from bytes
-each thread loads; FP8: a byte permute, shift and mask per pair; see `_widen`), multiplied by its scales (one
+each thread loads; FP8: a byte permute, shift and mask per pair, prepared codes eight per 64-bit load in the
+4-bit order; see `_widen`), multiplied by its scales (one
 bfloat16 rounding of v * s, which is exactly the weight `lowbit_jax.dequantize` returns; the power of two a float
 decode leaves on its codes goes into the scales where they take it, `_POWER`) and fed to wgmma as its register
 operand, accumulating in float32.
@@ -63,7 +64,7 @@ _FP8, _FP6 = ("e4m3", "e5m2"), ("e2m3", "e3m2")
 # (`kernel_order`), which read as the bf16 subnormal m * 2^-133 once the sign sits at bit 15: the element q / 64
 # times 2^-127, the code's p below; two instructions per pair of codes where two's complement took four.
 _SIGN_MAGNITUDE = "sm8"
-_BYTE_CODES = (*_FP8, _SIGN_MAGNITUDE)  # one code per byte, in the wgmma register layout
+_BYTE_CODES = (*_FP8, _SIGN_MAGNITUDE)  # one code per byte, decoded by bit arithmetic (`_byte_pair_ptx`)
 # The decode of a float code v places its bits so that they read as the bfloat16 of v * 2^-p, subnormal codes as
 # bf16 subnormals (`_pair_ptx`); p by code. Then either each pair is multiplied by 2^p, or the block scales are
 # (`_scale_bf16`), which saves an instruction per pair where 2^p times every scale fits in bfloat16: always for
@@ -170,8 +171,9 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
 
 def folds_scales(w: QArray) -> bool:
   """Whether the kernel may multiply the float decode's 2^p (`_POWER`) into the E8M0 block scales of `w`, an MX
-  weight, instead of into every pair of codes: when every finite scale is at most 2^(127 - p) (2 for E2M1 and
-  E2M3, 4 for E3M2, 2^7 for E4M3, 2^15 for E5M2). MXINT8 folds where every scale is at most 1 and no code is -128
+  weight, instead of into every pair of codes: when every scale is at most 2^(127 - p) (2 for E2M1 and E2M3, 4 for
+  E3M2, 2^7 for E4M3, 2^15 for E5M2) and none is NaN (a block of NaN or Inf: folded scales take no NaN check,
+  `_scale_bf16`). MXINT8 folds where every scale is at most 1 and no code is -128
   (which has no 7-bit magnitude): its prepared codes are then stored as sign and magnitude (`kernel_order`). It
   reads the values, so it is False for traced ones; False for the other integer formats and for NVFP4 (which the
   kernel folds regardless, `_NVFP4_SHIFT`)."""
@@ -183,7 +185,7 @@ def folds_scales(w: QArray) -> bool:
   if code == _SIGN_MAGNITUDE and bool(jnp.any(lax.bitcast_convert_type(w.data, jnp.int8) == -128)):
     return False
   e = lax.bitcast_convert_type(w.scale, jnp.uint8).astype(jnp.int32)
-  return int(jnp.max(jnp.where(e == 255, 0, e), initial=0)) + _POWER[code] <= 254
+  return int(jnp.max(e, initial=0)) + _POWER[code] <= 254
 
 
 def _sign_magnitude(data: jax.Array, inverse: bool = False) -> jax.Array:
@@ -242,12 +244,17 @@ def kernel_order(data: jax.Array, element: ElementType, *, inverse: bool = False
   `lowbit_jax.prepare`). 4- and 6-bit codes are permuted within every 32 along K so that the code `_widen` places
   at register column c is the weight's column c: stored position 8t + 4e + j holds column 8j + 2t + e. E2M1 codes
   then have their bits moved within each 32-bit word (`_E2M1_BITS`) so that 3 of its 4 bfloat16 pairs decode by a
-  rotate and a mask. 8-bit codes are read in order; int8 ones of a `folded` weight (MXINT8, `folds_scales`) are
-  stored as sign and magnitude, the rest unchanged."""
+  rotate and a mask. FP8 codes, and the int8 ones of a `folded` weight (MXINT8, `folds_scales`) stored as sign
+  and magnitude, are permuted as 4-bit ones are (`_widen` reads them eight to a 64-bit load); other int8 codes
+  (converted in place) are read in order."""
   bits = element.bits
-  if bits == 8:
-    return _sign_magnitude(data, inverse=not inverse) if folded and element.kind == "int" else data
   k = data.ndim - 1  # (leading axes: weights stacked over layers)
+  if bits == 8:
+    if element.kind == "int" and not folded:
+      return data
+    if element.kind == "int":
+      data = _sign_magnitude(data, inverse=not inverse)
+    return _relabel_k(data, axis=k, inverse=inverse)
   codes = packing.unpack(data, bits, axis=k)
   e2m1 = _FLOAT_CODES.get(element.name) == "e2m1"
   if e2m1 and not inverse:
@@ -266,12 +273,13 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepare
   v, or with `folded` (on the GPU) as v * 2^-p (`_POWER`).
 
   int8 codes convert in place; FP8 codes and sign-magnitude int8 ones ("sm8", as v * 2^-127) a pair at a time
-  (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with
-  the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to a 32-bit register (where the wgmma layout would take
-  2 codes, one byte, per load) and each register becomes 4 bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma
-  layout places at columns 8m + 2t, 8m + 2t + 1 (m the register's 8-column tile, t the thread's column pair).
-  That relabels K within every 32 (`_relabel_k`); the caller applies the same relabelling to the activations,
-  which leaves the dot product unchanged and saves the shuffles a true relayout would take.
+  (`_byte_pair_ptx`); 6-bit codes as 4-bit ones, with the loads of `_six_bit_pairs`. 4-bit codes are loaded 8 to
+  a 32-bit register (where the wgmma layout would take 2 codes, one byte, per load) and each register becomes 4
+  bf16 pairs, codes (j, j + 4) for j < 4, that the wgmma layout places at columns 8m + 2t, 8m + 2t + 1 (m the
+  register's 8-column tile, t the thread's column pair). That relabels K within every 32 (`_relabel_k`); the
+  caller applies the same relabelling to the activations, which leaves the dot product unchanged and saves the
+  shuffles a true relayout would take. `prepared` one-byte codes, stored relabelled (`kernel_order`), are loaded
+  the same way, 8 to a 64-bit register (their wgmma layout takes 2 per 16-bit load).
   """
   six = code in _FP6
   box = w_smem.shape[1] * 4 // 3 if six else w_smem.shape[1]  # (6-bit codes arrive as their bytes)
@@ -288,14 +296,14 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepare
       v = _e2m1_bits(v) if code == "e2m1" and prepared else v
       v = elements.decode(v, ELEMENTS[_CODE_ELEMENTS[code]])
     v = v.astype(jnp.bfloat16)
-    a = v if code in _BYTE_CODES else _relabel_k(v, axis=1)
+    a = v if code in _BYTE_CODES and not prepared else _relabel_k(v, axis=1)
     return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
   part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
   if six:  # loaded by the threads themselves: no register layout holds 6-bit codes
     return plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[part] * (box // width))(
         functools.partial(_six_bit_pairs, code=code, width=width, folded=folded))(w_smem)
-  layout = plgpu.Layout.WGMMA if code in _BYTE_CODES else plgpu.Layout.WGMMA_UPCAST_4X
+  layout = plgpu.Layout.WGMMA if code in _BYTE_CODES and not prepared else plgpu.Layout.WGMMA_UPCAST_4X
   codes = _backend.register_load(w_smem, layout)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
       functools.partial(_code_pairs, code=code, width=width, folded=folded, prepared=prepared))(codes)
@@ -321,6 +329,14 @@ def _six_bit_ptx(code: str, off: int, folded: bool) -> str:
           + _times_power(code, folded))
 
 
+def _asm(ptx: str, *words):
+  """A 32-bit result $0 of inline PTX on 32-bit registers $1, $2, ... (scratch registers t and m)."""
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import llvm
+  return llvm.inline_asm(ir.IntegerType.get_signless(32), list(words), "{ .reg .b32 t, m; " + ptx + " }",
+                         ",".join(["=r"] + ["r"] * len(words)))
+
+
 def _six_bit_pairs(_, ref, *, code: str, width: int, folded: bool):
   """Mosaic GPU (lane level): a (64, 3C / 4) byte tile of FP6 codes in shared memory (four codes per three bytes,
   REFERENCE section 3) to bf16 in the WGMMA layout, split into `width`-column arrays.
@@ -341,38 +357,37 @@ def _six_bit_pairs(_, ref, *, code: str, width: int, folded: bool):
   shape = (rows, nbytes * 4 // 3)
   base = llvm.ptrtoint(i32, utils.memref_ptr(ref))
 
-  def asm(ptx, *args):
-    return llvm.inline_asm(i32, list(args), "{ .reg .b32 t, m; " + ptx + " }", ",".join(["=r"] + ["r"] * len(args)))
-
   layout = mgpu.WGMMA_LAYOUT_UPCAST_4X
   out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
   for idx, (row, col) in zip(np.ndindex(layout.registers_shape(shape)), layout.thread_idxs(shape)):
     row, col = arith.index_cast(i32, row), arith.index_cast(i32, col)
     first = arith.divui(arith.muli(col, c(3)), c(4))  # the first byte, 24c + 6t: 2 past a word where t is odd
     addr = arith.addi(base, arith.addi(arith.muli(row, c(nbytes)), arith.andi(first, c(~3))))
-    lo, hi = asm("ld.shared.b32 $0, [$1];", addr), asm("ld.shared.b32 $0, [$1+4];", addr)
+    lo, hi = _asm("ld.shared.b32 $0, [$1];", addr), _asm("ld.shared.b32 $0, [$1+4];", addr)
     skip = arith.muli(arith.andi(first, c(2)), c(0x1111))  # byte selectors moved past those 2 bytes
     # Code j (j < 4) at bit 6j of the 6 bytes, code j + 4 three bytes later: halves from bytes (a, a + 1) and
     # (a + 3, a + 4), a = 6j // 8, put both at bit 6j % 8 (a selector past byte 7 picks a byte no mask keeps).
-    words = [asm("prmt.b32 $0, $1, $2, $3;", lo, hi, arith.addi(c(sel), skip)) for sel in (0x4310, 0x5421, 0x6532)]
+    words = [_asm("prmt.b32 $0, $1, $2, $3;", lo, hi, arith.addi(c(sel), skip)) for sel in (0x4310, 0x5421, 0x6532)]
     for j, (w, off) in enumerate(zip((0, 0, 1, 2), (0, 6, 4, 2))):
-      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(asm(_six_bit_ptx(code, off, folded), words[w]), pair)
+      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(_asm(_six_bit_ptx(code, off, folded), words[w]), pair)
   return _wgmma_parts(out, width)
 
 
-def _byte_pair_ptx(code: str, folded: bool) -> str:
-  """PTX for one bf16 pair from the two FP8 or sign-magnitude int8 codes in bits 0-15 of $1. Each code
-  sign-extended into its 16-bit half by one byte permute, then shifted so its exponent and mantissa bits sit at
-  the bottom of the bf16 exponent field and the top of its mantissa (sign at bit 15), gives the bf16 of v * 2^-120
-  (E4M3) or v * 2^-112 (E5M2): subnormal codes become bf16 subnormals, kept by bf16 arithmetic; then
-  `_times_power`. NaN and Inf codes, which the quantizer stores only in blocks whose scale is NaN (REFERENCE
+def _byte_pair_ptx(code: str, folded: bool, j: int | None = None) -> str:
+  """PTX for one bf16 pair of FP8 or sign-magnitude int8 codes: those in bits 0-15 of $1, or (`j`) byte j of $1
+  and byte j of $2. Each code sign-extended into its 16-bit half by one byte permute, then shifted so its
+  exponent and mantissa bits sit at the bottom of the bf16 exponent field and the top of its mantissa (sign at bit
+  15), gives the bf16 of v * 2^-120 (E4M3) or v * 2^-112 (E5M2): subnormal codes become bf16 subnormals, kept by
+  bf16 arithmetic; then `_times_power`. NaN and Inf codes, which the quantizer stores only in blocks whose scale is NaN (REFERENCE
   section 2), become finite. A sign-magnitude code needs no shift: its magnitude m is the mantissa of the bf16
   subnormal m * 2^-133 (v * 2^-127 for v = +-m / 64), only ever with its scales folded."""
+  # (prmt selectors: bytes 0-3 of $1, 4-7 of the second operand; 8 + i: byte i's sign repeated)
+  permute = "prmt.b32 t, $1, 0, 0x9180;" if j is None else \
+      f"prmt.b32 t, $1, $2, 0x{j | (8 + j) << 4 | (4 + j) << 8 | (12 + j) << 12:04X};"
   if code == _SIGN_MAGNITUDE:
-    return "prmt.b32 t, $1, 0, 0x9180; and.b32 $0, t, 0x807F807F;"
+    return permute + " and.b32 $0, t, 0x807F807F;"
   shift, mask = (4, "0x87F087F0") if code == "e4m3" else (5, "0x8FE08FE0")
-  return (f"prmt.b32 t, $1, 0, 0x9180; shl.b32 t, t, {shift}; and.b32 t, t, {mask}; "
-          + _times_power(code, folded))
+  return f"{permute} shl.b32 t, t, {shift}; and.b32 t, t, {mask}; " + _times_power(code, folded)
 
 
 def _pair_ptx(code: str, j: int, folded: bool, prepared: bool) -> str:
@@ -403,31 +418,35 @@ def _pair_ptx(code: str, j: int, folded: bool, prepared: bool) -> str:
 
 def _code_pairs(_, codes, *, code: str, width: int, folded: bool, prepared: bool):
   """Mosaic GPU (lane level): codes to bf16 in the WGMMA layout, split into `width`-column arrays. One-byte codes
-  (FP8, sign-magnitude int8) come in the WGMMA layout itself, two per register (`_byte_pair_ptx`); 4-bit codes in
-  the WGMMA_UPCAST_4X layout, 8 per register, as `_widen` describes (`_pair_ptx` per pair)."""
+  (FP8, sign-magnitude int8) come in the WGMMA layout itself, two per register, or `prepared` in the
+  WGMMA_UPCAST_4X layout, 8 per register (`_byte_pair_ptx`); 4-bit codes in the WGMMA_UPCAST_4X layout, 8 per
+  register, as `_widen` describes (`_pair_ptx` per pair)."""
   import numpy as np
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils
   from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import arith, llvm
-  i32 = ir.IntegerType.get_signless(32)
+  from jaxlib.mlir.dialects import arith
+  i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
   pair = ir.VectorType.get((2,), ir.BF16Type.get())
 
-  def asm(word, ptx):
-    return utils.bitcast(llvm.inline_asm(i32, [word], "{ .reg .b32 t, m; " + ptx + " }", "=r,r"), pair)
-
-  if code in _BYTE_CODES:
+  if code in _BYTE_CODES and not prepared:
     i16 = ir.IntegerType.get_signless(16)
     ptx = _byte_pair_ptx(code, folded)
     out = np.empty(codes.registers.shape, dtype=object)
     for idx, reg in np.ndenumerate(codes.registers):
-      out[idx] = asm(arith.extui(i32, utils.bitcast(reg, i16)), ptx)
-  else:
-    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(codes.shape), dtype=object)
-    for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
-      word = utils.bitcast(reg, i32)
-      for j in range(4):
-        out[(idx[0], 4 * idx[1] + j, *idx[2:])] = asm(word, _pair_ptx(code, j, folded, prepared))
+      out[idx] = utils.bitcast(_asm(ptx, arith.extui(i32, utils.bitcast(reg, i16))), pair)
+    return _wgmma_parts(out, width)
+  out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(codes.shape), dtype=object)
+  for idx, reg in np.ndenumerate(codes.registers):  # idx[1]: the register's 32-column tile
+    if code in _BYTE_CODES:  # (codes 0-3 in the low word, 4-7 in the high one)
+      v = utils.bitcast(reg, i64)
+      words = (arith.trunci(i32, v), arith.trunci(i32, arith.shrui(v, arith.constant(i64, 32))))
+      ptxs = [_byte_pair_ptx(code, folded, j) for j in range(4)]
+    else:
+      words = (utils.bitcast(reg, i32),)
+      ptxs = [_pair_ptx(code, j, folded, prepared) for j in range(4)]
+    for j, ptx in enumerate(ptxs):
+      out[(idx[0], 4 * idx[1] + j, *idx[2:])] = utils.bitcast(_asm(ptx, *words), pair)
   return _wgmma_parts(out, width)
 
 
@@ -518,9 +537,12 @@ def _scale_bf16(s: jax.Array, power: int = 0) -> jax.Array:
   """Block scales times 2^power as bfloat16, exactly where that fits (the caller's part, `_POWER`, or MXINT8's
   -6): bfloat16 ones as they are (power 0), E4M3 converted, E8M0 (as its uint8 bits: Hopper converts no E8M0) by
   bit arithmetic: 2^(e + power - 127) is bf16 bits (e + power) << 7, or below 2^-126 the bf16 subnormal
-  1 << (e + power + 6) (power >= -6), e = 255 NaN."""
+  1 << (e + power + 6) (power >= -6), e = 255 NaN. E8M0 scales with power > 0 are folded ones (`folds_scales`):
+  none NaN, none subnormal once times 2^power, so their bits take one shift."""
   if s.dtype == jnp.uint8:
     e = s.astype(jnp.int32) + power
+    if power > 0:
+      return lax.bitcast_convert_type((e << 7).astype(jnp.int16), jnp.bfloat16)
     if power < 0:  # (MXINT8: 2^-133 ... 2^-127 are bf16 subnormals)
       tiny = jnp.left_shift(1, jnp.clip(e + 6, 0, 6))
     else:  # (only 2^-127 is: one fewer instruction on the scales' path)

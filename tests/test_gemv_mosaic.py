@@ -70,11 +70,13 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
 
 
 @pytest.mark.parametrize("fmt,m,cfg", [("int4_g32_sym", 40, None), ("nvfp4", 40, None),  # (nvfp4 at M = 1: partials)
-                                        ("mxfp4", 9, Config(split=2, groups=1, stages=2)), ("mxfp6_e2m3", 16, None)])
+                                        ("mxfp4", 9, Config(split=2, groups=1, stages=2)), ("mxfp6_e2m3", 16, None),
+                                        ("mxfp8_e4m3", 3, None), ("mxfp8_e5m2", 40, Config(split=2, groups=1, stages=2)),
+                                        ("mxint8", 9, None)])
 def test_prepared_weights(fmt, m, cfg):
   # Codes stored in the kernel's order (lb.prepare): the activations are read unpermuted, and NVFP4's blocks of 16
-  # are picked by the register column itself (one and two warpgroups, split-K). (8-bit codes are stored as they
-  # are: the kernel reads them as it reads a QArray's.)
+  # are picked by the register column itself (one and two warpgroups, split-K); FP8 and folded MXINT8 codes eight
+  # to a load.
   _kernel_equals_exact_dot(*_operands(m, 128, 512, fmt, seed=m + 20), cfg, prepared=True)
 
 
@@ -260,7 +262,7 @@ def test_gpu_code_lowers_on_any_machine(fmt, m, k, cuda_lowering):  # two warpgr
   assert "mosaic_gpu" in cuda_lowering(lambda x, w: dequant_gemv(x, w, backend="mosaic"), x, w)
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6_e3m2", "mxint8"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6_e3m2", "mxint8", "mxfp8_e5m2"])
 def test_gpu_code_lowers_with_prepared_weights(fmt, cuda_lowering):
   x, w = _operands(9, 256, 512, fmt)
   assert "mosaic_gpu" in cuda_lowering(lambda x, w: dequant_gemv(x, w, backend="mosaic"), x, lb.prepare(w))
@@ -286,12 +288,14 @@ def test_scales_widen_exactly(dtype, power):
   # Every byte of a one-byte scale (the kernel's own conversion: Hopper has none for E8M0) times 2^power against
   # ml_dtypes: the E8M0 bf16 subnormal 2^-127 and NaN, E4M3 subnormals, NaN and negative zero; MXINT8's 2^-6
   # (scales 2^-133 ... 2^-127 bf16 subnormals); with the float decode's power of two folded in (E8M0 scales up to
-  # 2^(127 - power), which `folds_scales` requires; NVFP4's E4M3 ones times 2^118, all of them).
+  # 2^(127 - power) and no NaN, which `folds_scales` requires; NVFP4's E4M3 ones times 2^118, all of them).
   from pallas_kernels.dequant_gemv_mosaic import _scale_bf16
   bits = np.arange(256, dtype=np.uint8)
   stored = bits if dtype == "float8_e8m0fnu" else bits.view(ml_dtypes.float8_e4m3fn)
   got = np.asarray(jax.jit(_scale_bf16, static_argnums=1)(jnp.asarray(stored), power)).view(np.uint16)
-  kept = (bits.astype(int) + power <= 254) | (bits == 255) if dtype == "float8_e8m0fnu" else bits >= 0
+  kept = bits >= 0
+  if dtype == "float8_e8m0fnu":
+    kept = (bits.astype(int) + power <= 254) | (bits == 255) & (power <= 0)
   want = (bits[kept].view(getattr(ml_dtypes, dtype)).astype(np.float64) * 2.0 ** power).astype(ml_dtypes.bfloat16)
   got = got[kept]
   nan = np.isnan(want.astype(np.float32))

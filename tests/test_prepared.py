@@ -28,18 +28,22 @@ def _weight(fmt, n=128, k=256, seed=0):
   return lb.quantize(jax.random.normal(jax.random.key(seed), (n, k), jnp.float32), fmt, axis=1)
 
 
+def _stored_order(codes):
+  """(..., K) codes in the prepared order: stored position 8t + 4e + j of every 32 along K holds weight column
+  8j + 2t + e (j, t < 4; e < 2), the column the Mosaic kernel's register layout gives that code."""
+  col = np.array([8 * j + 2 * t + e for t in range(4) for e in range(2) for j in range(4)])  # by stored position
+  return codes.reshape(*codes.shape[:-1], -1, 32)[..., col].reshape(codes.shape)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stored_order_and_round_trip(fmt):
-  # Stored position 8t + 4e + j of every 32 along K holds weight column 8j + 2t + e (j, t < 4; e < 2): the
-  # column the Mosaic kernel's register layout gives that code. 8-bit codes are stored as they are.
+  # Codes in `_stored_order`, except int8 ones (converted in place by the kernel, read in order; MXINT8 below).
   w = _weight(fmt)
   p = lb.prepare(w)
   el = w.format.element_type
-  bits = el.bits
   want = unpack_codes(w.data, el.name)
-  if bits < 8:
-    col = np.array([8 * j + 2 * t + e for t in range(4) for e in range(2) for j in range(4)])  # by stored position
-    want = want.reshape(want.shape[0], -1, 32)[:, :, col].reshape(want.shape)
+  if el.kind == "float" or el.bits < 8:
+    want = _stored_order(want)
   if el.name == "float4_e2m1fn":
     # Then each 32-bit word of 8 codes (code c at bits 4c) has bit i (m, e0, e1, s) of code c moved to its place in
     # the bfloat16 pair the kernel makes, (6, 7, 8, 15) + 16 (c // 4), plus the rotation of pair c % 4 (2, 6, 12
@@ -98,6 +102,8 @@ def test_folded_where_every_scale_takes_the_decode_power():
   assert not lb.prepare(lb.quantize(jnp.full((128, 256), 24.0), "mxfp4", axis=1)).folded  # a scale of 4
   assert lb.prepare(lb.quantize(jnp.full((128, 256), 24.0), "mxfp8_e4m3", axis=1)).folded  # E4M3: up to 2^7
   assert not any(lb.prepare(_weight(f)).folded for f in ("int4_g128_sym", "int8_channel_sym", "nvfp4"))
+  nan = lb.quantize(jnp.full((128, 256), 0.5).at[3, 7].set(jnp.nan), "mxfp8_e4m3", axis=1)
+  assert not lb.prepare(nan).folded  # (a NaN scale: folded scales take no NaN check)
   seen = []
   jax.jit(lambda w: seen.append(lb.prepare(w).folded) or 0)(_weight("mxfp4"))
   assert seen == [False]
@@ -105,8 +111,9 @@ def test_folded_where_every_scale_takes_the_decode_power():
 
 def test_mxint8_stored_as_sign_and_magnitude_where_its_scales_fold():
   # Folded MXINT8 (every scale at most 1, no code -128) stores each code q as a sign bit and |q| (the kernel reads
-  # that byte as the bf16 subnormal |q| * 2^-133 with the sign at bit 15); a scale above 1 or a code -128 (no 7-bit
-  # magnitude) keeps two's complement. Either way the canonical weight comes back bit for bit.
+  # that byte as the bf16 subnormal |q| * 2^-133 with the sign at bit 15), in `_stored_order`; a scale above 1 or
+  # a code -128 (no 7-bit magnitude) keeps two's complement, in order. Either way the canonical weight comes back
+  # bit for bit.
   small = _weight("mxint8", seed=4)
   small = lb.quantize(lb.dequantize(small, jnp.float32) / 8, "mxint8", axis=1)  # (scales 2^-2 and below)
   large = lb.quantize(lb.dequantize(small, jnp.float32) * 16, "mxint8", axis=1)  # (scales 2 and above)
@@ -116,7 +123,7 @@ def test_mxint8_stored_as_sign_and_magnitude_where_its_scales_fold():
     p = lb.prepare(w)
     assert p.folded == folded
     q = np.asarray(w.data).astype(np.int64)
-    want = np.where(q < 0, 128 - q, q) if folded else q & 255
+    want = _stored_order(np.where(q < 0, 128 - q, q)) if folded else q & 255
     np.testing.assert_array_equal(np.asarray(p.data).view(np.uint8), want)
     np.testing.assert_array_equal(np.asarray(p.canonical().data), np.asarray(w.data))
     np.testing.assert_array_equal(np.asarray(lb.dequantize(p)), np.asarray(lb.dequantize(w)))
