@@ -83,10 +83,11 @@ _E2M1_BITS = tuple(tuple((place + 16 * (c // 4) + (0 if c % 4 == 3 and i == 0 el
                          for i, place in enumerate(_E2M1_PLACES)) for c in range(8))
 MAX_M = 256  # activation rows per program (one wgmma N tile of 8 to 256); more rows take more programs
 # Activation row tiles per raster group (`_program_tiles`): programs running together share a weight tile and stay
-# within 8 activation tiles (2048 rows, 32 MB of bf16 at K = 8192), which stay in L2 as every weight tile passes.
+# within 4 activation tiles (1024 rows, 16 MB of bf16 at K = 8192), which stay in L2 as every weight tile passes.
 # Weight tiles fastest had each 256 rows stream all weights again: MXFP8 at M = 2048, (28672, 8192) ran 1598 us
-# against 1494 grouped (H100; 8192^2 1-2% faster, M = 8192 unchanged; 16 tiles were 10% slower there).
-_RASTER = 8
+# against 1494 in groups of 8 and 1435 in groups of 4 (2 tiles: 1455; 4096 rows: 2908 against 2983 for 8, 3083
+# for 16; MXFP4 1.00x bf16 against 0.95x for 8 at 2048 rows; H100, BENCHMARKS.md).
+_RASTER = 4
 _BN, _TK = 64, 128  # weight rows per program (the wgmma M), K per pipeline step
 
 
