@@ -4,8 +4,8 @@
 of rows M where it wins), else the XLA reference, with a one-time warning that names the reason when no kernel
 takes the call; elsewhere the XLA reference (no warning: that is the implementation for CPU and TPU).
 Kernels: weight-only with (K, N) weights and int8 x int8 are Pallas lowered through Triton (`pallas`); weight-only
-with K-major (N, K) int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights (int4 at any M, MXFP8 below
-KMAJOR_FP8_XLA_FROM_M rows, the others below KMAJOR_XLA_FROM_M) is Pallas lowered through Mosaic GPU (`mosaic`,
+with K-major (N, K) int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights (int4 at any M, the others below
+KMAJOR_XLA_FROM_M rows) is Pallas lowered through Mosaic GPU (`mosaic`,
 Hopper); block FP8 is a Mosaic GPU kernel on Hopper from BLOCK_FP8_MOSAIC_FROM_M rows, and otherwise a Triton
 kernel launched by jax_triton (`jax_triton`, the optional `lowbit-jax[triton]` extra; a GPU with neither warns once
 and runs XLA). `pallas`, `mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's
@@ -34,15 +34,12 @@ _warned: set[str] = set()
 XLA_FROM_M = 256
 XLA_FROM_M_SLOW_DEQUANT = 512
 # K-major weights: the Mosaic kernel (tiles of 256 rows) beat dequantize-then-dot at every M measured for int4
-# (1.04-1.31x at M = 2048 and 8192), MXFP4, NVFP4 and int8 only up to M = 2048 (0.99-1.04x; at 4096 0.92-1.01x,
-# at 8192 0.90-0.97x), MXFP8 and MXINT8 only below 2048 since programs sweep the weights in raster groups of 8
-# activation tiles (`dequant_gemv_mosaic._RASTER`; at (28672, 8192) 1.19-1.23x at 1024, 1.00-1.01x at 2048,
-# 0.88-0.92x at 4096); MXFP6 1.37x at 2048 (the switch at 4096 not measured for it).
-# Quantized pairs with K-major weights stream them through the kernel up to KMAJOR_XLA_FROM_M rows for every
-# format: their XLA path dequantizes both operands and writes float32 (MXFP8 and MXINT8 pairs at M = 2048 on
-# 8192^2 ran 1.05-1.13x faster streamed). BENCHMARKS.md.
+# (1.04-1.31x at M = 2048 and 8192), the others up to M = 2048: MXFP4, NVFP4 and int8 0.99-1.04x (at 4096
+# 0.92-1.01x, at 8192 0.90-0.97x), MXFP8 and MXINT8 1.05-1.15x since programs sweep the weights in raster groups of
+# 4 activation tiles (`dequant_gemv_mosaic._RASTER`; at 4096 0.97x on (28672, 8192), 1.03-1.06x on 8192^2), MXFP6
+# 1.37x (the switch at 4096 not measured for it). Quantized pairs with K-major weights stream them through the
+# kernel below the same rows: their XLA path dequantizes both operands and writes float32. BENCHMARKS.md.
 KMAJOR_XLA_FROM_M = 4096
-KMAJOR_FP8_XLA_FROM_M = 2048
 # From this many rows on, the Pallas int8 kernel (scales in its epilogue) beats XLA's int8 GEMM plus a separate
 # scaling pass; below it XLA's is faster (BENCHMARKS.md, A8W8: kernel at M = 2048 and 8192, XLA at M = 16).
 INT8_KERNEL_FROM_M = 512
@@ -101,9 +98,8 @@ def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str
                 "operands)")
 
 
-def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int, pair: bool = False) -> str:
-  """Returns "pallas", "mosaic", "jax_triton", "interpret" or "xla" for this call (`pair`: a weight-only call made
-  for a quantized pair, `xla_from_m`)."""
+def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:
+  """Returns "pallas", "mosaic", "jax_triton", "interpret" or "xla" for this call."""
   from pallas_kernels.backend import on_gpu
   backend = backend or "auto"
   if backend not in BACKENDS:
@@ -134,7 +130,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int, pair: bool 
   if not on_gpu(lhs):
     return "xla"
   if reason:
-    if not isinstance(lhs, QArray) and m >= xla_from_m(rhs.format, k_major=rhs.axis == 1, pair=pair):
+    if not isinstance(lhs, QArray) and m >= xla_from_m(rhs.format, k_major=rhs.axis == 1):
       return "xla"  # dequantize-then-dot is the weight-only path from here on anyway: nothing to warn about
     _warn_once(reason)
     return "xla"
@@ -145,7 +141,7 @@ def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int, pair: bool 
   if isinstance(lhs, QArray):  # pairs: block FP8 always runs its kernel; int8 from INT8_KERNEL_FROM_M rows
     return kernel if kernel != "pallas" or m >= INT8_KERNEL_FROM_M else "xla"
   if kernel == "mosaic":
-    return "xla" if m >= xla_from_m(rhs.format, k_major=True, pair=pair) else kernel
+    return "xla" if m >= xla_from_m(rhs.format, k_major=True) else kernel
   return "xla" if m >= xla_from_m(rhs.format) else "pallas"
 
 
@@ -159,14 +155,12 @@ def _missing(kernel: str) -> str | None:
   return None
 
 
-def xla_from_m(fmt, k_major: bool = False, pair: bool = False) -> float:
+def xla_from_m(fmt, k_major: bool = False) -> float:
   """Activation rows from which a weight-only matmul with weights in `fmt`, (K, N) or K-major (N, K), runs
-  dequantize-then-dot on a GPU (inf: never); `pair`: from which a quantized pair dequantizes both operands
-  instead of streaming its weight through the weight-only path."""
+  dequantize-then-dot on a GPU (inf: never), and from which a quantized pair dequantizes both operands instead of
+  streaming its weight through the weight-only path."""
   from pallas_kernels.quantize import supports_cols
   if k_major:
     el = fmt.element_type
-    if el.bits == 8 and (el.kind == "float" or fmt.rule == "mx") and not pair:
-      return KMAJOR_FP8_XLA_FROM_M
     return math.inf if el.kind == "int" and el.bits == 4 else KMAJOR_XLA_FROM_M
   return XLA_FROM_M if supports_cols(fmt) is None else XLA_FROM_M_SLOW_DEQUANT

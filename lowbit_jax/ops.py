@@ -88,7 +88,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   m = math.prod(lhs.shape[:-1])
   if (isinstance(lhs, QArray) and isinstance(rhs, (QArray, PreparedWeight)) and xla.blocks_exact_in_bf16(lhs)
-      and xla.blocks_exact_in_bf16(rhs) and m < dispatch.xla_from_m(rhs.format, k_major=rhs.axis == 1, pair=True)
+      and xla.blocks_exact_in_bf16(rhs) and m < dispatch.xla_from_m(rhs.format, k_major=rhs.axis == 1)
       and backend in (None, "auto")):
     # MX / NVFP4 activations, below the rows from which the pair's weight is dequantized (few rows; K-major
     # weights, which the Mosaic kernel takes, up to thousands): dequantize their block values (exact in
@@ -100,19 +100,17 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     (qa, ga), (qw, gw) = xla.split_tensor_scale(lhs), xla.split_tensor_scale(rhs)
     out = preferred_element_type or lhs.dtype
     y = _dot(dequantize(qa, jnp.bfloat16), qw, dimension_numbers, precision,
-             jnp.float32 if ga is not None or gw is not None else out, out_sharding, backend, pair=True)
+             jnp.float32 if ga is not None or gw is not None else out, out_sharding, backend)
     return xla.times_tensor_scales(y, ga, gw).astype(out)
   if isinstance(lhs, QArray) and isinstance(rhs, PreparedWeight):
     rhs = rhs.canonical()  # (the other quantized-pair paths take QArrays)
   return _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding, backend)
 
 
-def _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding, backend,
-         pair: bool = False) -> jax.Array:
-  """`dot_general` with one or two quantized operands, on the path `dispatch.choose` picks; `pair`: a weight-only
-  call made for a quantized pair (the rows from which it dequantizes its weight are the pair's)."""
+def _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding, backend) -> jax.Array:
+  """`dot_general` with one or two quantized operands, on the path `dispatch.choose` picks."""
   m = math.prod(lhs.shape[:-1])
-  impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m, pair=pair)
+  impl = dispatch.choose(backend, lhs, rhs, dimension_numbers, m)
   if impl == "xla":
     return xla.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
   out_dtype = preferred_element_type or lhs.dtype

@@ -63,9 +63,8 @@ def test_quantized_pairs_match_the_ocp_dot(fa, fw, shape):
                                                      (4096, True, "mxfp4", False), (2048, True, "mxfp8_e4m3", True)])
 def test_mx_pairs_stream_the_weight_below_the_rows_that_dequantize_it(monkeypatch, m, k_major, fw, streams):
   """An MX activation dequantized exactly to bfloat16 times the weight through the weight-only path, below the rows
-  from which the pair dequantizes the weight: 256 for (K, N) weights, 4096 for K-major ones (the Mosaic kernel;
-  8-bit weights too, which a weight-only call dequantizes from 2048); the same OCP dot either way, rounded once to
-  the output dtype."""
+  from which the pair dequantizes the weight: 256 for (K, N) weights, 4096 for K-major ones (the Mosaic kernel);
+  the same OCP dot either way, rounded once to the output dtype."""
   seen, choose = [], dispatch.choose
 
   def recorded(backend, lhs, *args, **kwargs):
