@@ -21,10 +21,9 @@ Each (64, 128) code slice is widened to bfloat16 in registers (int4: 8 codes per
 every 32 and the activations to match, or with `lowbit_jax.prepare`d weights the codes stored in that order and
 the activations read as they are, E2M1 bits placed for a rotate-and-mask decode; FP6 the same order, from bytes
 each thread loads; FP8: a byte permute, shift and mask per pair, prepared codes eight per 64-bit load in the
-4-bit order; see `_widen`), multiplied by its scales (one
-bfloat16 rounding of v * s, which is exactly the weight `lowbit_jax.dequantize` returns; the power of two a float
-decode leaves on its codes goes into the scales where they take it, `_POWER`) and fed to wgmma as its register
-operand, accumulating in float32.
+4-bit order; see `_widen`), multiplied by its scales (one bfloat16 rounding of v * s, which is exactly the weight
+`lowbit_jax.dequantize` returns; the power of two a float decode leaves on its codes goes into the scales where
+they take it, `_POWER`) and fed to wgmma as its register operand, accumulating in float32.
 Programs apply NVFP4's g to their float32 sums. Without split-K they write the result, (M, N) in the output
 dtype; with it, float32 (split, M, N) partials that XLA sums, or that the caller takes as they are (`partials`)
 to add them inside its next kernel. With `swiglu` a program takes a gate tile and its up tile of a SwiGLU MLP's
@@ -174,10 +173,10 @@ def folds_scales(w: QArray) -> bool:
   """Whether the kernel may multiply the float decode's 2^p (`_POWER`) into the E8M0 block scales of `w`, an MX
   weight, instead of into every pair of codes: when every scale is at most 2^(127 - p) (2 for E2M1 and E2M3, 4 for
   E3M2, 2^7 for E4M3, 2^15 for E5M2) and none is NaN (a block of NaN or Inf: folded scales take no NaN check,
-  `_scale_bf16`). MXINT8 folds where every scale is at most 1 and no code is -128
-  (which has no 7-bit magnitude): its prepared codes are then stored as sign and magnitude (`kernel_order`). It
-  reads the values, so it is False for traced ones; False for the other integer formats and for NVFP4 (which the
-  kernel folds regardless, `_NVFP4_SHIFT`)."""
+  `_scale_bf16`). MXINT8 folds where every scale is at most 1 and no code is -128 (which has no 7-bit magnitude):
+  its prepared codes are then stored as sign and magnitude (`kernel_order`). It reads the values, so it is False
+  for traced ones; False for the other integer formats and for NVFP4 (which the kernel folds regardless,
+  `_NVFP4_SHIFT`)."""
   name = w.format.element_type.name
   code = _SIGN_MAGNITUDE if name == "int8" and w.format.rule == "mx" else _FLOAT_CODES.get(name)
   if code is None or w.scale.dtype != jnp.float8_e8m0fnu or any(isinstance(a, jax.core.Tracer)
@@ -379,9 +378,9 @@ def _byte_pair_ptx(code: str, folded: bool, j: int | None = None) -> str:
   and byte j of $2. Each code sign-extended into its 16-bit half by one byte permute, then shifted so its
   exponent and mantissa bits sit at the bottom of the bf16 exponent field and the top of its mantissa (sign at bit
   15), gives the bf16 of v * 2^-120 (E4M3) or v * 2^-112 (E5M2): subnormal codes become bf16 subnormals, kept by
-  bf16 arithmetic; then `_times_power`. NaN and Inf codes, which the quantizer stores only in blocks whose scale is NaN (REFERENCE
-  section 2), become finite. A sign-magnitude code needs no shift: its magnitude m is the mantissa of the bf16
-  subnormal m * 2^-133 (v * 2^-127 for v = +-m / 64), only ever with its scales folded."""
+  bf16 arithmetic; then `_times_power`. NaN and Inf codes, which the quantizer stores only in blocks whose scale
+  is NaN (REFERENCE section 2), become finite. A sign-magnitude code needs no shift: its magnitude m is the
+  mantissa of the bf16 subnormal m * 2^-133 (v * 2^-127 for v = +-m / 64), only ever with its scales folded."""
   # (prmt selectors: bytes 0-3 of $1, 4-7 of the second operand; 8 + i: byte i's sign repeated)
   permute = "prmt.b32 t, $1, 0, 0x9180;" if j is None else \
       f"prmt.b32 t, $1, $2, 0x{j | (8 + j) << 4 | (4 + j) << 8 | (12 + j) << 12:04X};"

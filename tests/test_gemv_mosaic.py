@@ -71,8 +71,8 @@ def test_split_k_slices_per_step_row_tiles_and_warpgroups(split, groups, tiles, 
 
 @pytest.mark.parametrize("fmt,m,cfg", [("int4_g32_sym", 40, None), ("nvfp4", 40, None),  # (nvfp4 at M = 1: partials)
                                         ("mxfp4", 9, Config(split=2, groups=1, stages=2)), ("mxfp6_e2m3", 16, None),
-                                        ("mxfp8_e4m3", 3, None), ("mxfp8_e5m2", 40, Config(split=2, groups=1, stages=2)),
-                                        ("mxint8", 9, None)])
+                                        ("mxfp8_e4m3", 3, None), ("mxint8", 9, None),
+                                        ("mxfp8_e5m2", 40, Config(split=2, groups=1, stages=2))])
 def test_prepared_weights(fmt, m, cfg):
   # Codes stored in the kernel's order (lb.prepare): the activations are read unpermuted, and NVFP4's blocks of 16
   # are picked by the register column itself (one and two warpgroups, split-K); FP8 and folded MXINT8 codes eight
