@@ -169,6 +169,15 @@ def supports(fmt: Format, n: int, k: int) -> str | None:
   return None
 
 
+def _code(fmt: Format, folded: bool) -> str:
+  """How the kernel decodes `fmt`'s codes: a float code (`_FLOAT_CODES`), "int4" / "int8", or for MXINT8 whose
+  scales fold (`folds_scales`) sign and magnitude (`_SIGN_MAGNITUDE`)."""
+  el = fmt.element_type
+  if folded and el.name == "int8" and fmt.rule == "mx":
+    return _SIGN_MAGNITUDE
+  return _FLOAT_CODES.get(el.name, f"int{el.bits}")
+
+
 def folds_scales(w: QArray) -> bool:
   """Whether the kernel may multiply the float decode's 2^p (`_POWER`) into the E8M0 block scales of `w`, an MX
   weight, instead of into every pair of codes: when every scale is at most 2^(127 - p) (2 for E2M1 and E2M3, 4 for
@@ -177,10 +186,9 @@ def folds_scales(w: QArray) -> bool:
   its prepared codes are then stored as sign and magnitude (`kernel_order`). It reads the values, so it is False
   for traced ones; False for the other integer formats and for NVFP4 (which the kernel folds regardless,
   `_NVFP4_SHIFT`)."""
-  name = w.format.element_type.name
-  code = _SIGN_MAGNITUDE if name == "int8" and w.format.rule == "mx" else _FLOAT_CODES.get(name)
-  if code is None or w.scale.dtype != jnp.float8_e8m0fnu or any(isinstance(a, jax.core.Tracer)
-                                                                  for a in (w.scale, w.data)):
+  code = _code(w.format, folded=True)
+  traced = any(isinstance(a, jax.core.Tracer) for a in (w.scale, w.data))
+  if code not in _POWER or w.scale.dtype != jnp.float8_e8m0fnu or traced:
     return False
   if code == _SIGN_MAGNITUDE and bool(jnp.any(lax.bitcast_convert_type(w.data, jnp.int8) == -128)):
     return False
@@ -783,9 +791,7 @@ def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, ba
     data = w.data if bits == 6 else lax.bitcast_convert_type(w.data, jnp.int8)
   if bits < 8 and not prepared:
     xp = _relabel_k(xp, axis=1)  # K in the order _widen gives 4- and 6-bit codes
-  code = _FLOAT_CODES.get(fmt.element_type.name, f"int{bits}")
-  if prepared and w.folded and code == "int8":  # (MXINT8 stored as sign and magnitude, `folds_scales`)
-    code = _SIGN_MAGNITUDE
+  code = _code(fmt, folded=prepared and w.folded)
   g = w.tensor_scale.astype(jnp.float32).reshape(1) if w.tensor_scale is not None else None
   if g is not None:  # NVFP4: scales times 2^(126 - 8), elements 2^-8 of their value, sums times g 2^8 (`_POWER`)
     power = _POWER[code] - _NVFP4_SHIFT
