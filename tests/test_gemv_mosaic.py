@@ -96,6 +96,17 @@ def test_default_configs_fit_shared_memory():
     assert smem_bytes(cfg, m, bits, 16) <= HOPPER_SMEM, (n, k, m, bits, cfg)
 
 
+def test_default_config_splits():
+  from pallas_kernels.dequant_gemv_mosaic import default_config
+  # 8-bit codes at M <= 16 over about one 64-row tile per SM or more: unsplit where the tiles cover the SMs or the
+  # float32 partials would be heavy (M = 16), split where they are light and the tiles past one wave (M = 1).
+  assert [default_config(n, 8192, m, 8).split for n, m in [(8192, 1), (8192, 16), (28672, 16), (28672, 1)]] == \
+      [1, 1, 1, 8]
+  assert default_config(8192, 28672, 1, 8).split == 1
+  assert default_config(2048, 8192, 1, 8).split == 16  # (32 tiles: a decode step's down projection stays split)
+  assert default_config(8192, 8192, 16, 4).split == 16  # (4-bit codes need more programs per SM)
+
+
 @pytest.mark.parametrize("fmt,m,n", [("int4_g128_sym", 256, 128), ("mxfp4", 100, 128), ("int8_channel_sym", 128, 128),
                                       ("nvfp4", 64, 192)])
 def test_prefill_rows(fmt, m, n):
