@@ -123,9 +123,11 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4, max_split: int = 1
   """The configuration for an (n, k) weight of `bits`-bit codes and M activation rows, from the H100 sweeps in
   BENCHMARKS.md. M <= 16: two 128-wide slices per step, 4 stages, one 64-row tile per program, and K split until
   about 16 programs per SM (at most `max_split` ways): with 8 activation rows, many short programs beat two row
-  tiles by 5-14%, and a second warpgroup ran up to 31% slower. M = 17-32: the same, K split until about one 64-row
-  tile per SM. M > 32: two compute warpgroups over one activation tile (6-35% faster than one at 64-256 rows), K
-  split as at 17-32, two slices per step at 64 rows and one above, as many stages (up to 4) as fit.
+  tiles by 5-14%, and a second warpgroup ran up to 31% slower. With 16 rows, about 8 per SM, as the float32
+  partials weigh twice as much (4-bit codes at (28672, 8192): split 4 ways 3-6% faster than 8). M = 17-32: the
+  same, K split until about one 64-row tile per SM. M > 32: two compute warpgroups over one activation tile (6-35%
+  faster than one at 64-256 rows), K split as at 17-32, two slices per step at 64 rows and one above, as many
+  stages (up to 4) as fit.
   Except at M <= 16 with at least one 64-row tile per SM and K <= 4096 (a decode step's wide layers): no split
   and 2 stages, since there the pass that sums the partials costs more than splitting gains (H100, M = 1, weights
   streamed from HBM: (16384, 2048) 9.0 us against 11.1, (32000, 2048) 15.5 against 18.2; BENCHMARKS.md).
@@ -142,7 +144,7 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4, max_split: int = 1
     return Config(split=1, groups=groups, stages=2)
   if bits == 8 and r <= 16 and tiles >= 120 and (tiles <= 132 or 2 * 8 * 4 * m > 0.05 * k):
     return Config(split=1, groups=groups, stages=4)
-  want = 16 * 132 if r <= 16 else 132  # 64-row tiles (per warpgroup) to aim for
+  want = {8: 16 * 132, 16: 8 * 132}.get(r, 132)  # 64-row tiles (per warpgroup) to aim for
   split = 1
   while tiles * -(-m // r) * split < want and split < max_split and k % (_TK * groups * split * 2) == 0:
     split *= 2
