@@ -131,20 +131,20 @@ def default_config(n: int, k: int, m: int = 1, bits: int = 4, max_split: int = 1
   Except at M <= 16 with at least one 64-row tile per SM and K <= 4096 (a decode step's wide layers): no split
   and 2 stages, since there the pass that sums the partials costs more than splitting gains (H100, M = 1, weights
   streamed from HBM: (16384, 2048) 9.0 us against 11.1, (32000, 2048) 15.5 against 18.2; BENCHMARKS.md).
-  And 8-bit codes at M <= 16 whose 64-row tiles about cover the SMs (120 or more) are not split where one tile per
-  SM covers them (up to 132) or where a split's float32 partials (written and read back: 2 x 8 ways x 4 bytes x M
+  And 8-bit codes at M <= 16 whose 64-row tiles about cover the SMs (0.9 per SM or more) are not split where one
+  tile per SM covers them or where a split's float32 partials (written and read back: 2 x 8 ways x 4 bytes x M
   per weight row) would add more than 5% to the weight's K bytes per row: one program per SM streams 8-bit codes
   at 0.84-0.88 of the floor, and the partials' pass costs more than the balance splitting gains (H100, MXFP8, M =
   16: 8192^2 28.3 us against 33.2 split 16 ways, (28672, 8192) 94.0-94.8 against 98.8-98.9 split 8 ways)."""
   r = activation_rows(m)
   wgs = 2 if r > 32 and n % (2 * _BN) == 0 else 1
   groups = 1 if r > 64 or k % (2 * _TK) else 2
-  tiles = n // _BN
-  if r <= 16 and tiles >= 132 and k <= 4096:
+  tiles, sms = n // _BN, _backend.sm_count()
+  if r <= 16 and tiles >= sms and k <= 4096:
     return Config(split=1, groups=groups, stages=2)
-  if bits == 8 and r <= 16 and tiles >= 120 and (tiles <= 132 or 2 * 8 * 4 * m > 0.05 * k):
+  if bits == 8 and r <= 16 and tiles >= 0.9 * sms and (tiles <= sms or 2 * 8 * 4 * m > 0.05 * k):
     return Config(split=1, groups=groups, stages=4)
-  want = {8: 16 * 132, 16: 8 * 132}.get(r, 132)  # 64-row tiles (per warpgroup) to aim for
+  want = {8: 16 * sms, 16: 8 * sms}.get(r, sms)  # 64-row tiles (per warpgroup) to aim for
   split = 1
   while tiles * -(-m // r) * split < want and split < max_split and k % (_TK * groups * split * 2) == 0:
     split *= 2
