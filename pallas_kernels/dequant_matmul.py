@@ -92,13 +92,10 @@ def fit_config(cfg: Config, k: int) -> Config:
   return dataclasses.replace(cfg, bk=bk, split_k=split)
 
 
-_SMS = 132  # streaming multiprocessors of an H100 SXM / H200
-
-
 def _split_for(programs: int, per_sm: float = 2) -> int:
   """split_k that brings the programs of a weight-streaming launch to about `per_sm` per SM."""
   split = 1
-  while programs * split < per_sm * _SMS and split < 8:
+  while programs * split < per_sm * _backend.sm_count() and split < 8:
     split *= 2
   return split
 
