@@ -268,9 +268,9 @@ def kernel_order(data: jax.Array, element: ElementType, *, inverse: bool = False
   bits = element.bits
   k = data.ndim - 1  # (leading axes: weights stacked over layers)
   if bits == 8:
-    if element.kind == "int" and not folded:
-      return data
     if element.kind == "int":
+      if not folded:
+        return data
       data = _sign_magnitude(data, inverse=not inverse)
     return _relabel_k(data, axis=k, inverse=inverse)
   codes = packing.unpack(data, bits, axis=k)
@@ -281,6 +281,12 @@ def kernel_order(data: jax.Array, element: ElementType, *, inverse: bool = False
   if e2m1 and inverse:
     codes = _e2m1_bits(codes, inverse=True)
   return packing.pack(codes, bits, axis=k)
+
+
+def _in_order(code: str, prepared: bool) -> bool:
+  """Whether the kernel reads one-byte codes in their stored order, two to a 16-bit load in the wgmma layout:
+  those of a canonical weight (prepared ones are stored relabelled and loaded eight at a time, `kernel_order`)."""
+  return code in _BYTE_CODES and not prepared
 
 
 def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepared: bool) -> list[jax.Array]:
@@ -314,14 +320,14 @@ def _widen(w_smem, code: str, width: int, interpret: bool, folded: bool, prepare
       v = _e2m1_bits(v) if code == "e2m1" and prepared else v
       v = elements.decode(v, ELEMENTS[_CODE_ELEMENTS[code]])
     v = v.astype(jnp.bfloat16)
-    a = v if code in _BYTE_CODES and not prepared else _relabel_k(v, axis=1)
+    a = v if _in_order(code, prepared) else _relabel_k(v, axis=1)
     return [a[:, i:i + width] for i in range(0, box, width)]
   import jax.experimental.pallas.mosaic_gpu as plgpu
   part = plgpu.ShapeDtypeStruct((_BN, width), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
   if six:  # loaded by the threads themselves: no register layout holds 6-bit codes
     return plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[part] * (box // width))(
         functools.partial(_six_bit_pairs, code=code, width=width, folded=folded))(w_smem)
-  layout = plgpu.Layout.WGMMA if code in _BYTE_CODES and not prepared else plgpu.Layout.WGMMA_UPCAST_4X
+  layout = plgpu.Layout.WGMMA if _in_order(code, prepared) else plgpu.Layout.WGMMA_UPCAST_4X
   codes = _backend.register_load(w_smem, layout)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=[part] * (box // width))(
       functools.partial(_code_pairs, code=code, width=width, folded=folded, prepared=prepared))(codes)
@@ -447,7 +453,7 @@ def _code_pairs(_, codes, *, code: str, width: int, folded: bool, prepared: bool
   i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
   pair = ir.VectorType.get((2,), ir.BF16Type.get())
 
-  if code in _BYTE_CODES and not prepared:
+  if _in_order(code, prepared):
     i16 = ir.IntegerType.get_signless(16)
     ptx = _byte_pair_ptx(code, folded)
     out = np.empty(codes.registers.shape, dtype=object)
