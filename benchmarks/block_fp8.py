@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 import lowbit_jax as lb
 from benchmarks.common import header, time_calls
-from pallas_kernels import fp8_block_matmul_mosaic as mosaic
+from pallas_kernels import scaled_matmul_mosaic as mosaic
 from pallas_kernels.backend import jax_triton_available
 from pallas_kernels.fp8_block_matmul import fp8_block_matmul
 

@@ -8,8 +8,11 @@ with K-major (N, K) int4 / int8 / MXFP4 / MXFP6 / MXFP8 / NVFP4 weights (int4 at
 KMAJOR_XLA_FROM_M rows) is Pallas lowered through Mosaic GPU (`mosaic`,
 Hopper); block FP8 is a Mosaic GPU kernel on Hopper from BLOCK_FP8_MOSAIC_FROM_M rows, and otherwise a Triton
 kernel launched by jax_triton (`jax_triton`, the optional `lowbit-jax[triton]` extra; a GPU with neither warns once
-and runs XLA). `pallas`, `mosaic`, `jax_triton`, `xla` and `interpret` force one; `interpret` runs the kernel's
-math on any device (the Pallas or Mosaic GPU interpreter, or the XLA twin of a jax_triton kernel).
+and runs XLA). MXFP8 x MXFP8 (one element type) and MXINT8 x MXINT8 pairs with K-major weights have a Mosaic GPU
+kernel on FP8 / int8 MMAs that runs only when asked for (`mosaic`): dequantizing MX operands exactly to bfloat16,
+which `auto` runs, was faster on the H100 at every shape measured. `pallas`, `mosaic`, `jax_triton`, `xla` and
+`interpret` force one; `interpret` runs the kernel's math on any device (the Pallas or Mosaic GPU interpreter, or the
+XLA twin of a jax_triton kernel).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ INT8_KERNEL_FROM_M = 512
 # M = 16: BENCHMARKS.md). On Hopper the Mosaic kernel runs from this many rows on, and below it without jax_triton.
 BLOCK_FP8_KERNELS = ("mosaic", "jax_triton")
 BLOCK_FP8_MOSAIC_FROM_M = 65
+# MX 8-bit pairs' FP8 / int8 MMA kernel (per-32 promotion) ran at 0.49-0.61x XLA bf16 at M = 2048 and 8192 on
+# issue 3's shapes, against 0.87-0.97x for the exact bfloat16 route in the same run (BENCHMARKS.md): `auto` takes
+# the bfloat16 route ("xla" here), and the kernel runs where it is forced.
 
 
 def weight_only_kernel(lhs, rhs: QArray | PreparedWeight, dimension_numbers, m: int) -> tuple[str, str | None]:
@@ -86,16 +92,21 @@ def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str
   from lowbit_jax.xla import int8_pair, matrix_pair
   from pallas_kernels.backend import hopper_available, jax_triton_available
   from pallas_kernels.fp8_block_matmul import supports
+  from pallas_kernels.scaled_matmul_mosaic import mx_supports
   if int8_pair(lhs, rhs, dimension_numbers):
     return "pallas", None
+  (_, rc), _ = dimension_numbers
+  if (matrix_pair(lhs, rhs, dimension_numbers) and tuple(rc) == (1,)
+      and mx_supports(lhs.format, rhs.format, lhs.data.shape[-1], rhs.shape[0]) is None):
+    return ("xla" if forced in (None, "auto") else "mosaic"), None
   if matrix_pair(lhs, rhs, dimension_numbers) and supports(lhs.format, rhs.format) is None:
     if forced in BLOCK_FP8_KERNELS:
       return forced, None
     mosaic = hopper_available() and (m >= BLOCK_FP8_MOSAIC_FROM_M or not jax_triton_available())
     return ("mosaic" if mosaic else "jax_triton"), None
   return None, ("quantized activations have kernels for int8 per-token x per-channel and block-FP8 "
-                f"(1x128 x 128x128) pairs (got {lhs.format.name} x {rhs.format.name}; XLA dots the dequantized "
-                "operands)")
+                "(1x128 x 128x128) pairs, and MXFP8 / MXINT8 pairs of one element type with K-major weights, K and N "
+                f"multiples of 128 (got {lhs.format.name} x {rhs.format.name}; XLA dots the dequantized operands)")
 
 
 def choose(backend: str | None, lhs, rhs, dimension_numbers, m: int) -> str:

@@ -135,8 +135,8 @@ def _mosaic_weight_only(x, w: QArray | PreparedWeight, impl: str, out_dtype=None
 
 
 def _pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, impl: str, out_dtype) -> jax.Array:
-  """Both operands quantized, in a pair `dispatch.pair_kernel` gives a kernel: int8 x int8 (Pallas) or block FP8
-  (Mosaic GPU or jax_triton); `impl` is the chosen backend or "interpret"."""
+  """Both operands quantized, in a pair `dispatch.pair_kernel` gives a kernel: int8 x int8 (Pallas), block FP8
+  (Mosaic GPU or jax_triton) or MX 8-bit (Mosaic GPU); `impl` is the chosen backend or "interpret"."""
   (_, rc), _ = dimension_numbers
   k_major = tuple(rc) == (1,)
   a, sa = lhs.data.reshape(-1, lhs.data.shape[-1]), lhs.scale.reshape(-1, lhs.scale.shape[-1])
@@ -146,6 +146,10 @@ def _pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, impl: str, out_dty
     w = rhs.data if k_major else rhs.data.T  # the kernel reads K-major weights; (K, N) pays a transpose
     y = int8_matmul(a, sa, w, rhs.scale.reshape(-1, 1), out_dtype=out_dtype,
                     backend="triton" if impl == "pallas" else "interpret")
+  elif lhs.format.rule == "mx":
+    from pallas_kernels.scaled_matmul_mosaic import mx_matmul
+    y = mx_matmul(a, sa, rhs.data, rhs.scale, out_dtype=out_dtype,
+                  backend="mosaic" if impl == "mosaic" else "mosaic_interpret")
   else:
     from pallas_kernels.fp8_block_matmul import fp8_block_matmul
     y = fp8_block_matmul(a, sa, rhs.data, rhs.scale, n=n, k_major=k_major, out_dtype=out_dtype, backend=impl)

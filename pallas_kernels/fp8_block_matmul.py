@@ -7,7 +7,7 @@ QArrays store them); `n` is the logical N of the output.
 
 Implementations of the same blocking, in which each 128-deep block is one run of FP8 MMAs with the tensor cores'
 own accumulation, promoted to a float32 accumulator with its two scales: `mosaic`, a Pallas Mosaic GPU kernel for
-Hopper (fp8_block_matmul_mosaic.py: warp-specialized, each warpgroup's promotion overlapping the others' MMAs;
+Hopper (scaled_matmul_mosaic.py: warp-specialized, each warpgroup's promotion overlapping the others' MMAs;
 `mosaic_interpret` runs it in the Mosaic GPU interpreter on any device); `jax_triton`, a Triton kernel
 (fp8_block_matmul_triton.py; it needs Triton's default FP8 accumulation, which Pallas's Triton lowering does not
 expose: REFERENCE section 5); and `interpret`, the XLA twin for any device, which forms each block's partial
@@ -89,8 +89,8 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
   if not k_major:
     b, sb = b.T, sb.T
   if backend.startswith("mosaic"):
-    from pallas_kernels import fp8_block_matmul_mosaic
-    return fp8_block_matmul_mosaic.fp8_block_matmul(a, sa, b, sb, out_dtype=out_dtype, backend=backend)[:, :n]
+    from pallas_kernels import scaled_matmul_mosaic
+    return scaled_matmul_mosaic.fp8_block_matmul(a, sa, b, sb, out_dtype=out_dtype, backend=backend)[:, :n]
   from pallas_kernels import fp8_block_matmul_triton as tk
   cfg = config or default_config(m, n)
   grid = (-(-m // cfg.bm) * -(-n // cfg.bn),)

@@ -199,7 +199,7 @@ def test_block_fp8_kernel_matches_the_ocp_dot(k_major, shape):
 def test_block_fp8_mosaic_default_config():
   """Three warpgroups with column pairs sharing the activation tile from 1536 rows (where measured), two below;
   the interpreter always gets a configuration it runs."""
-  from pallas_kernels.fp8_block_matmul_mosaic import default_config
+  from pallas_kernels.scaled_matmul_mosaic import default_config
   assert default_config(1536, 8192) == (3, (1, 2))
   assert default_config(8192, 8320) == (3, (1, 1))  # 65 column tiles: no pairs
   assert default_config(1535, 8192) == (2, (1, 1))
@@ -219,14 +219,14 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
   overhangs the array, and M < 8 reads past it), N padded to whole tiles, K over more blocks than stages, two and
   three compute warpgroups, clusters of tiles sharing operands by multicast (on Hopper only: the interpreter runs
   no cluster barriers); float32 and bfloat16 outputs."""
-  from pallas_kernels import fp8_block_matmul_mosaic
+  from pallas_kernels import scaled_matmul_mosaic
   from pallas_kernels.backend import hopper_available
   mosaic = "mosaic" if hopper_available() else "mosaic_interpret"
   if cluster != (1, 1) and mosaic == "mosaic_interpret":
     pytest.skip("the Mosaic GPU interpreter runs no cluster barriers")
   x, w = operands(m, k, n, seed=7)
   qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
-  call = lambda dtype: fp8_block_matmul_mosaic.fp8_block_matmul(
+  call = lambda dtype: scaled_matmul_mosaic.fp8_block_matmul(
       qa.data, qa.scale, qw.data, qw.scale, out_dtype=dtype, backend=mosaic, stages=2, wgs=wgs,
       cluster=cluster)[:, :n]
   y = np.asarray(call(jnp.float32), np.float64)
@@ -239,22 +239,67 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
                                                                        np.float32))
 
 
-@pytest.mark.parametrize("m, k, n", [(130, 4224, 256), (2048, 1024, 8192)])  # (the second: persistent)
-def test_block_fp8_mosaic_gpu_code_lowers_on_any_machine(m, k, n, cuda_lowering):
-  """The GPU-only code (the scales' loads in the wgmma row layout, clusters, persistent programs) lowered for CUDA
-  on any machine, which catches its Python-side errors where no GPU runs it."""
-  from pallas_kernels import fp8_block_matmul_mosaic
+@pytest.mark.parametrize("fa, fw, m, k, n", [  # (2048 rows: persistent programs)
+    ("fp8_block_1x128", "fp8_block_128x128", 130, 4224, 256), ("fp8_block_1x128", "fp8_block_128x128", 2048, 1024, 8192),
+    ("mxfp8_e4m3", "mxfp8_e4m3", 2048, 1024, 8192), ("mxint8", "mxint8", 130, 512, 256)])
+def test_scaled_mosaic_gpu_code_lowers_on_any_machine(fa, fw, m, k, n, cuda_lowering):
+  """The GPU-only code (the scales' loads in the wgmma layouts, clusters, persistent programs, int8 MMAs) lowered
+  for CUDA on any machine, which catches its Python-side errors where no GPU runs it."""
+  from pallas_kernels import scaled_matmul_mosaic
   x, w = operands(m, k, n)
-  qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
-  f = lambda a, sa, b, sb: fp8_block_matmul_mosaic.fp8_block_matmul(a, sa, b, sb, out_dtype=jnp.bfloat16,
-                                                                     backend="mosaic")
+  mx = fa.startswith("mx")  # (MX weights blocked along K; block FP8's 128 x 128 blocks cover both axes)
+  qa, qw = lb.quantize(x, fa, axis=1), (lb.quantize(w.T, fw, axis=1) if mx else lb.quantize(w.T, fw))
+  call = scaled_matmul_mosaic.mx_matmul if mx else scaled_matmul_mosaic.fp8_block_matmul
+  f = lambda a, sa, b, sb: call(a, sa, b, sb, out_dtype=jnp.bfloat16, backend="mosaic")
   assert "mosaic_gpu" in cuda_lowering(f, qa.data, qa.scale, qw.data, qw.scale)
+
+
+@pytest.mark.parametrize("fmt, shape", [  # shape: (batch, M, K, N)
+    ("mxfp8_e4m3", (2, 20, 384, 256)), ("mxfp8_e5m2", (1, 5, 256, 128)), ("mxint8", (2, 20, 384, 256))])
+def test_mx_mma_kernel_matches_the_ocp_dot(fmt, shape):
+  """MX 8-bit pairs on the Mosaic kernel's FP8 / int8 MMAs, promoted per 32-deep block (run when forced: `auto`
+  takes the exact bfloat16 route, faster on the H100). On Hopper the kernel itself: int8 MMAs sum a block exactly,
+  FP8 ones in the tensor cores' format (2^-15.6 to 2^-16.8 of the magnitudes on the H100, hence the looser bound);
+  elsewhere the Mosaic GPU interpreter (float32 sums). Ragged M, leading batch dimensions, both FP8 elements;
+  bfloat16 output is the float32 result rounded once."""
+  backend = "mosaic" if pallas_kernels.backend.hopper_available() else "interpret"
+  b, m, k, n = shape
+  x, w = operands(b * m, k, n, seed=8)
+  qa, qw = lb.quantize(x.reshape(b, m, k), fmt, axis=-1), lb.quantize(w.T, fmt, axis=1)
+  dn = (((2,), (1,)), ((), ()))
+  y = lb.dot_general(qa, qw, dn, preferred_element_type=jnp.float32, backend=backend)
+  ref, mag = (v.reshape(b * m, n) for v in ocp_dot(qa, qw, k_major=True))
+  tol = 2.0 ** -10 if backend == "mosaic" and fmt != "mxint8" else k * 2.0 ** -23
+  assert y.shape == (b, m, n)
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64).reshape(b * m, n) - ref), tol * mag + 1e-30)
+  yb = lb.dot_general(qa, qw, dn, backend=backend)
+  np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(y.astype(jnp.bfloat16), np.float32))
+
+
+def test_mx_pairs_take_the_mma_kernel_only_when_forced(monkeypatch):
+  """`auto` runs MX 8-bit pairs by the exact bfloat16 route, with no warning (it is the faster path, not a
+  fallback); the MMA kernel takes one element type, K-major weights and K, N multiples of 128."""
+  x, w = operands(4, 256, 128)
+  qa, qw = lb.quantize(x, "mxint8", axis=1), lb.quantize(w.T, "mxint8", axis=1)
+  kdn = (((1,), (1,)), ((), ()))
+  assert dispatch.pair_kernel(qa, qw, kdn, 8192) == ("xla", None)
+  assert dispatch.pair_kernel(qa, qw, kdn, 8192, forced="mosaic") == ("mosaic", None)
+  mixed = lb.quantize(x, "mxfp8_e5m2", axis=1), lb.quantize(w.T, "mxfp8_e4m3", axis=1)
+  short = lb.quantize(x[:, :96], "mxint8", axis=1), lb.quantize(w.T[:, :96], "mxint8", axis=1)
+  for (a, b), why in [(mixed, "one element type"), (short, "K and N multiples of 128")]:
+    kernel, reason = dispatch.pair_kernel(a, b, kdn, 8192)
+    assert kernel is None and why in reason
+  monkeypatch.setattr(pallas_kernels.backend, "on_gpu", lambda x: True)
+  monkeypatch.setattr(pallas_kernels.backend, "hopper_available", lambda: True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert dispatch.choose("auto", qa, qw, kdn, 8192) == "xla"
 
 
 def test_block_fp8_mosaic_default_programs():
   """Persistent programs (one per SM's worth of clusters) where each gets two tiles or more and the stages divide
   the K blocks; else one program per tile, and always in the interpreter (which hangs in a pipeline of pipelines)."""
-  from pallas_kernels.fp8_block_matmul_mosaic import default_programs, fp8_block_matmul
+  from pallas_kernels.scaled_matmul_mosaic import default_programs, fp8_block_matmul
   assert default_programs(1376, 64, 4, (1, 2), "mosaic") == 66  # M = 8192, N = K = 8192: 21 tiles each
   assert default_programs(1024, 64, 4, (1, 1), "mosaic") == 132
   assert default_programs(4816, 64, 4, (1, 2), "mosaic") == 66  # M = 8192, N = 28672: 73 tiles each
@@ -278,16 +323,16 @@ def test_block_fp8_mosaic_default_programs():
 def test_block_fp8_mosaic_persistent_programs(m, k, n, wgs, cluster, programs):
   """Persistent programs, each running every `programs`-th tile as one pipeline (tiles per program uneven, ragged
   M, clusters): the OCP dot, and bit for bit what one program per tile computes."""
-  from pallas_kernels import fp8_block_matmul_mosaic
+  from pallas_kernels import scaled_matmul_mosaic
   x, w = operands(m, k, n, seed=3)
   qa, qw = lb.quantize(x, "fp8_block_1x128", axis=1), lb.quantize(w.T, "fp8_block_128x128")
-  call = lambda p: np.asarray(fp8_block_matmul_mosaic.fp8_block_matmul(
+  call = lambda p: np.asarray(scaled_matmul_mosaic.fp8_block_matmul(
       qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.float32, backend="mosaic", stages=2, wgs=wgs,
       cluster=cluster, programs=p), np.float64)[:m, :n]
   y = call(programs)
   ref, mag = ocp_dot(qa, qw, k_major=True)
   np.testing.assert_array_less(np.abs(y - ref), 2.0 ** -10 * mag + 1e-30)
-  np.testing.assert_array_equal(y, call(fp8_block_matmul_mosaic.tile_count(m, n, wgs, cluster)))
+  np.testing.assert_array_equal(y, call(scaled_matmul_mosaic.tile_count(m, n, wgs, cluster)))
 
 
 @pytest.mark.parametrize("hopper, triton, m, want", [

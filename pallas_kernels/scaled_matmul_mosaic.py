@@ -1,12 +1,21 @@
-"""The block-FP8 GEMM in Pallas Mosaic GPU (Hopper), beside the Triton kernel of fp8_block_matmul_triton.py: the
-same blocking and layouts (fp8_block_matmul.py), K-major (N, K) weights only.
+"""8-bit GEMMs with block scales in Pallas Mosaic GPU (Hopper): FP8 or int8 MMAs over each scale block, promoted
+into a float32 sum with the block's scales. Two scalings, K-major (N, K) weights only:
+  - block FP8 (`fp8_block_matmul`, DeepSeek-V3 style, beside the Triton kernel of fp8_block_matmul_triton.py, the
+    layouts of fp8_block_matmul.py): 128-deep blocks, one scale per activation row and block, one per 128 x 128
+    weight block;
+  - MX pairs (`mx_matmul`: MXFP8 x MXFP8 of one element type, MXINT8 x MXINT8): 32-deep blocks, one E8M0 scale per
+    activation row and block and one per weight row (output column) and block. int8 MMAs sum a block exactly in
+    int32 (at most 32 x 127^2 < 2^24, so its float32 conversion is exact too); FP8 MMAs sum it in the tensor
+    cores' own format.
 
 A program computes (64 wgs, 128) tiles of the output: `wgs` compute warpgroups of 64 rows each (2 or 3), and one
-more warpgroup that issues the TMA copies (`emit_pipeline_warp_specialized`), `stages` 128-deep K blocks in
-flight. Per block a compute warpgroup runs its FP8 wgmmas into a fresh float32 accumulator (the tensor cores' own
-accumulation over the block, as in the Triton kernel), waits for them and promotes the block into its float32 sum
-in registers: sum += part * (row's activation scale * tile's weight scale). While one warpgroup promotes, the
-others' MMAs keep the tensor cores busy (DeepGEMM's overlap; the Triton kernel waits with its whole program).
+more warpgroup that issues the TMA copies (`emit_pipeline_warp_specialized`), `stages` 128-deep K steps in flight.
+Per scale block a compute warpgroup runs its MMAs into a fresh accumulator (the tensor cores' own accumulation over
+the block, as in the Triton kernel), waits for them and promotes the block into its float32 sum in registers:
+sum += part * (row's activation scale * tile's weight scale), or for MX (part * row's scale) * column's scale
+(powers of two: exact). While one warpgroup promotes, the others' MMAs keep the tensor cores busy (DeepGEMM's
+overlap; the Triton kernel waits with its whole program). MX blocks are 32 bytes of each row: the operand tiles
+are swizzled by 32 bytes so that each block is a whole tile of the wgmma's K.
 Programs may run in clusters of 2 x 1, 1 x 2 or 2 x 2 tiles, where one TMA multicast brings a weight tile to the
 cluster's row tiles and an activation tile to its column tiles: the kernel moves about 8 bytes from L2 per 1000
 FLOP at 128 rows, near L2's bandwidth at FP8 rates (Nsight Compute: L2 throughput 81% of peak), and larger
@@ -14,12 +23,13 @@ tiles and multicast cut that. Where there are enough tiles the programs are pers
 clusters, each running its tiles (every `programs`-th, in the grouped order) as one pipeline of pipelines, so the
 pipeline's fill and the output's store overlap the neighbouring tiles' MMAs instead of idling the SM.
 
-Operands as the kernel reads them (the wrapper prepares them): `a` (M, K) FP8, more than 8 rows padded to a
-multiple of 8 (TMA's 8-row tiling; rows past the array read as zeros); `sa_t` (K / 128, M') float32, the
+Operands as the kernel reads them (the wrappers prepare them): `a` (M, K) FP8 or int8, more than 8 rows padded to
+a multiple of 8 (TMA's 8-row tiling; rows past the array read as zeros); `sa_t` (K / block, M') float32, the
 activation scales transposed so that a tile's row scales for a block are one TMA row (M' = M rounded up to 4:
-16-byte row strides); `b` (N, K) FP8 with N a multiple of 128; `sb32` (N / 128, 32 K / 128) float32, each block's
-scale followed by 31 zeros: a step reads its scale as the first value of a 128-byte TMA box (every shared-memory
-slot a TMA writes must be 128-byte aligned; 16-byte slots of scales faulted with a misaligned address).
+16-byte row strides); `b` (N, K) of a's dtype with N a multiple of 128; block FP8's `sb32` (N / 128, 32 K / 128)
+float32, each block's scale followed by 31 zeros: a step reads its scale as the first value of a 128-byte TMA box
+(every shared-memory slot a TMA writes must be 128-byte aligned; 16-byte slots of scales faulted with a misaligned
+address); MX's `sb_t` (K / 32, N) float32, the weight scales transposed.
 """
 
 from __future__ import annotations
@@ -33,16 +43,18 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
 
-__all__ = ["BLOCK", "default_config", "default_programs", "fp8_block_matmul", "tile_count"]
+__all__ = ["BLOCK", "MX_BLOCK", "default_config", "default_programs", "fp8_block_matmul", "mx_matmul", "mx_supports",
+           "tile_count"]
 
-BLOCK = 128  # K per scale block, output columns per program
+BLOCK = 128  # K per pipeline step (and block FP8's scale block), output columns per program
+MX_BLOCK = 32  # K per MX scale block
 _WG_ROWS = 64  # the wgmma M
 _SB_BOX = 32  # float32 values per TMA box of weight scales: 128 bytes
 _BARRIER_SMEM = 1024  # shared memory left to the pipeline's barriers when choosing stages
 _GROUP = 8  # row tiles launched together over each column tile (they share its weights in L2)
 
 
-def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: int, wgs: int,
+def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, block: int, steps: int, stages: int, wgs: int,
             cluster: tuple[int, int], m_tiles: int, n_tiles: int, units: int, programs: int, backend: str):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   interpret = backend == "mosaic_interpret"
@@ -50,7 +62,10 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
   tile_m = wgs * _WG_ROWS
   wg = lax.axis_index("wg")
   rows = pl.ds(wg * _WG_ROWS, _WG_ROWS)
-  tiled = (plgpu.TilingTransform((8, BLOCK)), plgpu.SwizzleTransform(128))  # 128 FP8 codes: one 128-byte row
+  mx = block == MX_BLOCK  # (else block FP8: one weight scale per tile and step)
+  # a block of one-byte codes per tile of the wgmma's K: 128-byte rows (block FP8) or 32 (MX), swizzled as wide
+  tiled = (plgpu.TilingTransform((8, block)), plgpu.SwizzleTransform(block))
+  acc_dtype = jnp.int32 if jnp.issubdtype(a_gmem.dtype, jnp.integer) else jnp.float32
 
   def in_specs(mi, ni):
     return [
@@ -58,26 +73,45 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, steps: int, stages: in
         # multicast to both halves the L2 reads of that operand
         plgpu.BlockSpec((tile_m, BLOCK), lambda k: (mi, k), transforms=tiled, collective_axes=("cn",) * (cn > 1)),
         plgpu.BlockSpec((BLOCK, BLOCK), lambda k: (ni, k), transforms=tiled, collective_axes=("cm",) * (cm > 1)),
-        plgpu.BlockSpec((1, tile_m), lambda k: (k, mi)),
+        plgpu.BlockSpec((BLOCK // block, tile_m), lambda k: (k, mi)),
+        plgpu.BlockSpec((BLOCK // block, BLOCK), lambda k: (k, ni)) if mx else
         plgpu.BlockSpec((1, _SB_BOX), lambda k: (ni, k)),
     ]
 
-  def step(_, a_smem, b_smem, sa_smem, sb_smem, total, *, stash):
-    def block(part):  # this block's product alone, accumulated by the tensor cores
-      if interpret:  # (the interpreter takes no transposed wgmma operand)
-        stash[...] = b_smem[...].T
-        plgpu.wgmma(part, a_smem.at[rows], stash)
-      else:
-        plgpu.wgmma(part, a_smem.at[rows], b_smem.transpose((1, 0)))
-      return part[...]
-
-    part = pl.run_scoped(block, plgpu.ACC((_WG_ROWS, BLOCK)))
+  def vector(ref, dim):  # a row (dim 0) or column (dim 1) vector of scales, for broadcasting over a tile
     if interpret:  # (the interpreter loads no register layouts)
-      sa = sa_smem[0, rows]
-    else:
-      sa = _backend.register_load(sa_smem.at[0, rows], plgpu.Layout.WGMMA.reduce(1))
-    scale = sa * sb_smem[0, 0]
-    return total + part * lax.broadcast_in_dim(scale, part.shape, [0])
+      return ref[...]
+    return _backend.register_load(ref, plgpu.Layout.WGMMA.reduce(1 - dim))
+
+  def step(_, a_smem, b_smem, sa_smem, sb_smem, total, *, stash):
+    if interpret:  # (the interpreter takes no transposed wgmma operand)
+      stash[...] = b_smem[...].T
+
+    def mma(acc, j):  # block j's product alone, accumulated by the tensor cores
+      cols = pl.ds(j * block, block)
+      plgpu.wgmma(acc, a_smem.at[rows, cols], stash.at[cols] if interpret else b_smem.at[:, cols].transpose((1, 0)))
+
+    def promote(total, part, j):
+      part = part.astype(jnp.float32)
+      sa = vector(sa_smem.at[j, rows], 0)
+      if not mx:
+        return total + part * lax.broadcast_in_dim(sa * sb_smem[0, 0], part.shape, [0])
+      part = part * lax.broadcast_in_dim(sa, part.shape, [0])
+      return total + part * lax.broadcast_in_dim(vector(sb_smem.at[j], 1), part.shape, [1])
+
+    def chain(j, prev, total):  # block j - 1's MMAs run in `prev`: start block j's, promote j - 1 meanwhile
+      if j == BLOCK // block:
+        return promote(total, plgpu.wgmma_accumulator_load(prev, wait_n=0), j - 1)
+
+      def issue(acc):
+        mma(acc, j)
+        return chain(j + 1, acc, promote(total, plgpu.wgmma_accumulator_load(prev, wait_n=1), j - 1))
+      return pl.run_scoped(issue, plgpu.ACC((_WG_ROWS, BLOCK), acc_dtype))
+
+    def first(acc):
+      mma(acc, 0)
+      return chain(1, acc, total)
+    return pl.run_scoped(first, plgpu.ACC((_WG_ROWS, BLOCK), acc_dtype))
 
   def compute(o_smem, mi, ni, eval_pipeline):
     zeros = jnp.zeros((_WG_ROWS, BLOCK), jnp.float32)
@@ -168,7 +202,63 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
   `default_config`'s. `programs`: clusters launched; with fewer clusters than tiles each runs its tiles in turn as
   one pipeline (persistent: the next tile's first blocks load while the last one's are promoted and stored), which
   needs K / 128 a multiple of the stages and two tiles or more per cluster; None takes `default_programs`'."""
+  sb = jnp.pad(sb.astype(jnp.float32)[:, :, None], ((0, 0), (0, 0), (0, _SB_BOX - 1))).reshape(sb.shape[0], -1)
+  return _launch(a, sa.astype(jnp.float32), b, sb, BLOCK, out_dtype=out_dtype, backend=backend, stages=stages,
+                 wgs=wgs, cluster=cluster, programs=programs)
+
+
+def mx_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_dtype, backend: str,
+              stages: int = 4, programs: int | None = None) -> jax.Array:
+  """(M, N) out_dtype: the OCP dot of MX operands, `a` (M, K) with E8M0 scales `sa` (M, K / 32) and K-major `b`
+  (N, K) with `sb` (N, K / 32), codes of one dtype: float8_e4m3fn, float8_e5m2 (MXFP8) or int8 (MXINT8, whose
+  elements are the codes times 2^-6). K and N multiples of 128. `backend`, `stages` and `programs` as
+  `fp8_block_matmul`'s; tiles of 128 rows on two compute warpgroups, no clusters. (Three warpgroups spill: a
+  thread holds two 64-register accumulators and the sum. Three warpgroups in column pairs also returned wrong rows
+  on the H100 with persistent programs, not explained: BENCHMARKS.md.)
+
+  Per 32-deep block the MMAs of the next block run while this one is promoted. On the H100 this ran at 400-440
+  TFLOP/s, 0.58-0.61x XLA's bf16 GEMM (the promotion's CUDA-core work and its wait on each block's MMAs):
+  slower than dequantizing MX operands exactly to bfloat16, which is what `lowbit_jax.dot_general` runs unless
+  asked for this kernel (BENCHMARKS.md, "MX pairs on FP8 and int8 MMAs").
+
+  Example (on Hopper; "mosaic_interpret" runs it anywhere):
+    >>> import lowbit_jax as lb
+    >>> qa = lb.quantize(jnp.ones((8, 128)), "mxfp8_e4m3", axis=1)
+    >>> qb = lb.quantize(jnp.ones((128, 128)), "mxfp8_e4m3", axis=1)
+    >>> y = mx_matmul(qa.data, qa.scale, qb.data, qb.scale, out_dtype=jnp.float32, backend="mosaic_interpret")
+    >>> float(y[0, 0])
+    128.0
+  """
+  power = -6 if jnp.issubdtype(a.dtype, jnp.integer) else 0  # MXINT8: each operand's 2^-6 into its scales
+  sa, sb = (jnp.ldexp(s.astype(jnp.float32), power) for s in (sa, sb))
+  return _launch(a, sa, b, sb.T, MX_BLOCK, out_dtype=out_dtype, backend=backend, stages=stages, wgs=2,
+                 cluster=(1, 1), programs=programs)
+
+
+def mx_supports(lhs, rhs, k: int, n: int) -> str | None:
+  """None if `mx_matmul` takes activations in Format `lhs` times K-major (N, K) weights in Format `rhs`, K as
+  stored (padded to whole blocks), else why not."""
+  one_byte = ("float8_e4m3fn", "float8_e5m2", "int8")
+  if not (lhs.rule == rhs.rule == "mx" and lhs.block == rhs.block == (MX_BLOCK,) and lhs.element == rhs.element
+          and lhs.element in one_byte):
+    return (f"{lhs.name} x {rhs.name}: the MX MMA kernel takes MXFP8 x MXFP8 of one element type or MXINT8 x "
+            "MXINT8 (the wgmma's operands share a one-byte type)")
+  if k % BLOCK or n % BLOCK:
+    return f"the MX MMA kernel takes K and N multiples of {BLOCK}, got K = {k} and N = {n}"
+  return None
+
+
+def _launch(a, sa, b, sb, block: int, *, out_dtype, backend: str, stages: int, wgs: int | None,
+            cluster: tuple[int, int] | None, programs: int | None) -> jax.Array:
+  """The kernel on `a` (M, K), its float32 scales `sa` (M, K / block), `b` (N, K) and the weight scales `sb` as the
+  kernel reads them (module docstring)."""
   (m, k), n = a.shape, b.shape[0]
+  if a.dtype != b.dtype or jnp.dtype(a.dtype).itemsize != 1:
+    raise ValueError(f"scaled_matmul_mosaic: a and b must share a one-byte dtype (the wgmma's), got {a.dtype} and "
+                     f"{b.dtype}.")
+  if k % BLOCK or b.shape[1] != k or n % BLOCK:
+    raise ValueError(f"scaled_matmul_mosaic: a {a.shape} and b {b.shape} must share K, a multiple of {BLOCK}, and "
+                     f"N must be one too.")
   default_wgs, default_cluster = default_config(m, n, backend)
   wgs, cluster = default_wgs if wgs is None else wgs, default_cluster if cluster is None else cluster
   cm, cn = cluster
@@ -176,26 +266,27 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
   # (with 2-row clusters an odd row tile count gets one more tile, of zeros read past the array, rows dropped)
   m_tiles, n_tiles, steps = -(-m // (tile_m * cm)) * cm, n // BLOCK, k // BLOCK
   if wgs not in (2, 3):
-    raise ValueError(f"fp8_block_matmul: wgs={wgs} must be 2 or 3 (with four, a thread has 118 registers for two "
-                     "64-register float32 tiles).")
+    raise ValueError(f"scaled_matmul_mosaic: wgs={wgs} must be 2 or 3 (with four, a thread has 118 registers for "
+                     "two 64-register float32 tiles).")
   if cm not in (1, 2) or cn not in (1, 2) or n_tiles % cn:
-    raise ValueError(f"fp8_block_matmul: cluster={cluster} must be 1 or 2 tiles each way, dividing N / 128 = "
+    raise ValueError(f"scaled_matmul_mosaic: cluster={cluster} must be 1 or 2 tiles each way, dividing N / 128 = "
                      f"{n_tiles} by the second.")
   free = _backend.HOPPER_SMEM - _BARRIER_SMEM - tile_m * BLOCK * jnp.dtype(out_dtype).itemsize  # less the output
-  stages = min(stages, free // ((tile_m + BLOCK) * (BLOCK + 4) + 4 * _SB_BOX))  # a stage: tiles, scale rows
+  # a stage: the operand tiles, their scale rows (and block FP8's 128-byte box of one weight scale)
+  scale_bytes = 4 * (BLOCK // block) * (tile_m + BLOCK) + (0 if block == MX_BLOCK else 4 * _SB_BOX)
+  stages = min(stages, free // ((tile_m + BLOCK) * BLOCK + scale_bytes))
   a = _backend.tma_rows(a)
-  sat = jnp.pad(sa.astype(jnp.float32).T, ((0, 0), (0, -m % 4)))
-  sb = jnp.pad(sb.astype(jnp.float32)[:, :, None], ((0, 0), (0, 0), (0, _SB_BOX - 1))).reshape(n_tiles, -1)
+  sat = jnp.pad(sa.T, ((0, 0), (0, -m % 4)))
   units = tile_count(m, n, wgs, cluster)
   programs = default_programs(units, steps, stages, cluster, backend) if programs is None else programs
   if programs < units and backend != "mosaic":
-    raise ValueError("fp8_block_matmul: persistent programs (programs < tiles) need backend='mosaic': the Mosaic GPU "
-                     "interpreter hangs in a pipeline of pipelines (JAX 0.10).")
+    raise ValueError("scaled_matmul_mosaic: persistent programs (programs < tiles) need backend='mosaic': the "
+                     "Mosaic GPU interpreter hangs in a pipeline of pipelines (JAX 0.10).")
   if not 0 < programs <= units or (programs < units and (steps % stages or units < 2 * programs)):
-    raise ValueError(f"fp8_block_matmul: programs={programs} must be the {units} clusters of tiles or at most half "
-                     f"of them with K / 128 = {steps} a multiple of the stages ({stages}).")
-  kernel = functools.partial(_kernel, steps=steps, stages=stages, wgs=wgs, cluster=cluster, m_tiles=m_tiles,
-                             n_tiles=n_tiles, units=units, programs=programs, backend=backend)
+    raise ValueError(f"scaled_matmul_mosaic: programs={programs} must be the {units} clusters of tiles or at most "
+                     f"half of them with K / 128 = {steps} a multiple of the stages ({stages}).")
+  kernel = functools.partial(_kernel, block=block, steps=steps, stages=stages, wgs=wgs, cluster=cluster,
+                             m_tiles=m_tiles, n_tiles=n_tiles, units=units, programs=programs, backend=backend)
   # On the GPU the output has M rows, or M rounded up to Mosaic's 8-row tiling: TMA stores only the rows inside the
   # array of a row tile that overhangs it (whole row tiles, then a slice to M, took one more pass over the output:
   # 9-13% of the call at M = 2048 and 8192). The interpreter drops such a store whole: there it has whole tiles.
