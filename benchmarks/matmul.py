@@ -28,6 +28,8 @@ from benchmarks.common import BF16_PEAK, copy_bandwidth, header, time_calls
 from lowbit_jax.dispatch import xla_from_m
 from pallas_kernels import Config, dequant_matmul
 from pallas_kernels import dequant_gemv_mosaic
+from pallas_kernels.backend import hopper_available
+from pallas_kernels.scaled_matmul_mosaic import mx_supports
 
 DEFAULT_FORMATS = ("mxfp4,nvfp4,int4_g128_sym,int4_g128_asym,int4_g32_sym,mxfp6_e2m3,mxfp6_e3m2,mxfp8_e4m3,"
                    "mxfp8_e5m2,int8_channel_sym")
@@ -176,11 +178,12 @@ def pairs(args) -> None:
   kernel takes, K-major (N, K) weights (their MMAs read K-major; (K, N) weights pay a transpose per call; few rows
   of MX / NVFP4 activations stream K-major weights through the Mosaic kernel). "dispatch" is `lb.dot_general`'s
   choice (the int8 and block-FP8 kernels on a GPU), "XLA" forces the XLA path, "act_format" quantizes the bf16
-  activation inside the call. With `--prepared`, weights the Mosaic kernel takes also run from `lb.prepare`."""
+  activation inside the call, "MMA kernel" forces the MX 8-bit pairs' FP8 / int8 MMA kernel (K-major weights; `auto`
+  takes the bfloat16 route). With `--prepared`, weights the Mosaic kernel takes also run from `lb.prepare`."""
   print(header())
   print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
-        "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T | MMA kernel vs bf16 |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = time_calls(jnp.dot, xs, bf16_ws)
     flops = 2 * m * n * k
@@ -207,8 +210,11 @@ def pairs(args) -> None:
         t = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn), qxs, qws)
         t_x = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend="xla"), qxs, qws)
         t_f = time_calls(lambda a, w, dn=dn, fa=fa: lb.dot_general(a, w, dn, act_format=fa), xs, qws)
+        mma = "-"
+        if label == "(N, K)" and hopper_available() and mx_supports(qxs[0].format, qws[0].format, qxs[0].data.shape[-1], n) is None:
+          mma = f"{t_bf16 / time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend='mosaic'), qxs, qws):.2f}x"
         print(f"| {fa} x {fw} | {label} | {m} | {n} | {k} | {t * 1e6:.0f} | {flops / t / 1e12:.0f} | "
-              f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} | {t_fp8 / t:.2f}x |",
+              f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} | {t_fp8 / t:.2f}x | {mma} |",
               flush=True)
         del qws
       del qxs
