@@ -211,7 +211,8 @@ def pairs(args) -> None:
         t_x = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend="xla"), qxs, qws)
         t_f = time_calls(lambda a, w, dn=dn, fa=fa: lb.dot_general(a, w, dn, act_format=fa), xs, qws)
         mma = "-"
-        if label == "(N, K)" and hopper_available() and mx_supports(qxs[0].format, qws[0].format, qxs[0].data.shape[-1], n) is None:
+        kernel = mx_supports(qxs[0].format, qws[0].format, qxs[0].data.shape[-1], n) is None
+        if label == "(N, K)" and kernel and hopper_available():
           mma = f"{t_bf16 / time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend='mosaic'), qxs, qws):.2f}x"
         print(f"| {fa} x {fw} | {label} | {m} | {n} | {k} | {t * 1e6:.0f} | {flops / t / 1e12:.0f} | "
               f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} | {t_fp8 / t:.2f}x | {mma} |",

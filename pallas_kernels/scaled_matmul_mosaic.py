@@ -217,7 +217,7 @@ def mx_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_d
   on the H100 with persistent programs, not explained: BENCHMARKS.md.)
 
   Per 32-deep block the MMAs of the next block run while this one is promoted. On the H100 this ran at 400-440
-  TFLOP/s, 0.58-0.61x XLA's bf16 GEMM (the promotion's CUDA-core work and its wait on each block's MMAs):
+  TFLOP/s for MXFP8, 0.56-0.61x XLA's bf16 GEMM (the promotion's CUDA-core work and its wait on each block's MMAs):
   slower than dequantizing MX operands exactly to bfloat16, which is what `lowbit_jax.dot_general` runs unless
   asked for this kernel (BENCHMARKS.md, "MX pairs on FP8 and int8 MMAs").
 

@@ -240,7 +240,8 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
 
 
 @pytest.mark.parametrize("fa, fw, m, k, n", [  # (2048 rows: persistent programs)
-    ("fp8_block_1x128", "fp8_block_128x128", 130, 4224, 256), ("fp8_block_1x128", "fp8_block_128x128", 2048, 1024, 8192),
+    ("fp8_block_1x128", "fp8_block_128x128", 130, 4224, 256),
+    ("fp8_block_1x128", "fp8_block_128x128", 2048, 1024, 8192),
     ("mxfp8_e4m3", "mxfp8_e4m3", 2048, 1024, 8192), ("mxint8", "mxint8", 130, 512, 256)])
 def test_scaled_mosaic_gpu_code_lowers_on_any_machine(fa, fw, m, k, n, cuda_lowering):
   """The GPU-only code (the scales' loads in the wgmma layouts, clusters, persistent programs, int8 MMAs) lowered
