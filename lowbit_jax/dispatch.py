@@ -52,9 +52,6 @@ INT8_KERNEL_FROM_M = 512
 # M = 16: BENCHMARKS.md). On Hopper the Mosaic kernel runs from this many rows on, and below it without jax_triton.
 BLOCK_FP8_KERNELS = ("mosaic", "jax_triton")
 BLOCK_FP8_MOSAIC_FROM_M = 65
-# MX 8-bit pairs' FP8 / int8 MMA kernel (per-32 promotion) ran at 0.49-0.61x XLA bf16 at M = 2048 and 8192 on
-# issue 3's shapes, against 0.87-0.97x for the exact bfloat16 route in the same run (BENCHMARKS.md): `auto` takes
-# the bfloat16 route ("xla" here), and the kernel runs where it is forced.
 
 
 def weight_only_kernel(lhs, rhs: QArray | PreparedWeight, dimension_numbers, m: int) -> tuple[str, str | None]:
@@ -88,7 +85,8 @@ def _warn_once(reason: str) -> None:
 def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str | None = None) -> tuple[
     str | None, str | None]:
   """(the backend of the kernel for these two quantized operands and M rows, None if none takes them; why not).
-  `forced`: the backend the caller asked for, taken where it is one of several kernels for the pair."""
+  `forced`: the backend the caller asked for, taken where it is one of several kernels for the pair, or where the
+  pair's kernel runs only when asked for (MX 8-bit pairs: "xla" otherwise, their faster exact route)."""
   from lowbit_jax.xla import int8_pair, matrix_pair
   from pallas_kernels.backend import hopper_available, jax_triton_available
   from pallas_kernels.fp8_block_matmul import supports
@@ -98,6 +96,8 @@ def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str
   (_, rc), _ = dimension_numbers
   if (matrix_pair(lhs, rhs, dimension_numbers) and tuple(rc) == (1,)
       and mx_supports(lhs.format, rhs.format, lhs.data.shape[-1], rhs.shape[0]) is None):
+    # MX 8-bit pairs' FP8 / int8 MMA kernel (per-32 promotion) ran at 0.48-0.61x XLA bf16 at M = 2048 and 8192,
+    # the exact bfloat16 route at 0.87-0.97x in the same runs (BENCHMARKS.md): `auto` takes that route ("xla" here)
     return ("xla" if forced in (None, "auto") else "mosaic"), None
   if matrix_pair(lhs, rhs, dimension_numbers) and supports(lhs.format, rhs.format) is None:
     if forced in BLOCK_FP8_KERNELS:
