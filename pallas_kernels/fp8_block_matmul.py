@@ -26,9 +26,9 @@ from jax import lax
 from lowbit_jax.formats import Format
 from pallas_kernels import backend as _backend
 
-__all__ = ["BACKENDS", "Fp8BlockConfig", "default_config", "fp8_block_matmul", "supports"]
+__all__ = ["BACKENDS", "FP8_ELEMENTS", "Fp8BlockConfig", "default_config", "fp8_block_matmul", "supports"]
 
-_FP8 = ("float8_e4m3fn", "float8_e5m2")
+FP8_ELEMENTS = ("float8_e4m3fn", "float8_e5m2")  # the element types of FP8 MMAs
 BACKENDS = ("jax_triton", "mosaic", "mosaic_interpret", "interpret")
 
 
@@ -53,7 +53,7 @@ def default_config(m: int, n: int) -> Fp8BlockConfig:
 
 def supports(lhs: Format, rhs: Format) -> str | None:
   """None if the kernel takes activations in `lhs` times weights in `rhs`, else why not."""
-  if lhs.element not in _FP8 or rhs.element not in _FP8:
+  if lhs.element not in FP8_ELEMENTS or rhs.element not in FP8_ELEMENTS:
     return f"{lhs.name} x {rhs.name}: block FP8 needs FP8 elements on both sides"
   if lhs.block != (128,) or rhs.block != (128, 128):
     return f"{lhs.name} x {rhs.name}: block FP8 takes 1x128 activation blocks and 128x128 weight blocks"

@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
+from pallas_kernels.fp8_block_matmul import FP8_ELEMENTS
 
 __all__ = ["BLOCK", "MX_BLOCK", "default_config", "default_programs", "fp8_block_matmul", "mx_matmul", "mx_supports",
            "tile_count"]
@@ -238,9 +239,8 @@ def mx_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_d
 def mx_supports(lhs, rhs, k: int, n: int) -> str | None:
   """None if `mx_matmul` takes activations in Format `lhs` times K-major (N, K) weights in Format `rhs`, K as
   stored (padded to whole blocks), else why not."""
-  one_byte = ("float8_e4m3fn", "float8_e5m2", "int8")
   if not (lhs.rule == rhs.rule == "mx" and lhs.block == rhs.block == (MX_BLOCK,) and lhs.element == rhs.element
-          and lhs.element in one_byte):
+          and lhs.element in (*FP8_ELEMENTS, "int8")):
     return (f"{lhs.name} x {rhs.name}: the MX MMA kernel takes MXFP8 x MXFP8 of one element type or MXINT8 x "
             "MXINT8 (the wgmma's operands share a one-byte type)")
   if k % BLOCK or n % BLOCK:
