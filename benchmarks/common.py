@@ -4,7 +4,11 @@ rotating weight sets keep them out of L2)."""
 
 from __future__ import annotations
 
+import collections
 import datetime
+import glob
+import re
+import tempfile
 from typing import Callable, Sequence
 
 import jax
@@ -39,3 +43,24 @@ def time_calls(fn: Callable, xs: Sequence, ws: Sequence) -> float:
   if len(xs) != len(ws):
     raise ValueError("time_calls: one weight set per call")
   return bench(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)], list(xs), list(ws), iters=5) / len(xs)
+
+
+def gpu_us_by_kernel(run: Callable[[], object], calls: int) -> dict[str, tuple[float, float]]:
+  """{kernel name: (GPU us per call, launches per call)} of everything `run()` launches on the GPU, by
+  `jax.profiler`, `calls` being how many calls (or decode steps) one run() makes. Names are the profiler's with
+  trailing instance numbers dropped, so the launches of one kernel or fusion kind add up. Profiler time, not wall
+  time: at a few microseconds per kernel, timing from the host measures the host (BENCHMARKS.md)."""
+  d = tempfile.mkdtemp()
+  with jax.profiler.trace(d):
+    jax.block_until_ready(run())
+  data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  by = collections.defaultdict(lambda: [0.0, 0])
+  for plane in data.planes:
+    if "GPU" not in plane.name:
+      continue
+    for line in plane.lines:
+      for ev in (ev for ev in line.events if "tream" in line.name and "emcpy" not in ev.name):
+        entry = by[re.sub(r"([._]\d+)+$", "", ev.name)]
+        entry[0] += ev.duration_ns / 1e3
+        entry[1] += 1
+  return {name: (us / calls, n / calls) for name, (us, n) in by.items()}

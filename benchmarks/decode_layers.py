@@ -14,15 +14,13 @@ Usage (from the repository root, on a Hopper GPU):
 from __future__ import annotations
 
 import argparse
-import glob
 import itertools
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
 import lowbit_jax as lb
-from benchmarks.common import header
+from benchmarks.common import gpu_us_by_kernel, header
 from pallas_kernels.dequant_gemv_mosaic import Config, default_config, dequant_gemv
 
 SHAPES = "3072x2048,2048x2048,16384x2048,2048x8192,32000x2048"  # qkv, o, gate/up, down, LM head (N x K)
@@ -33,19 +31,8 @@ def gpu_us(fn, x, ws) -> tuple[float, float]:
   """(GPU us per call of fn(x, w) over every kernel it launches, of which in Mosaic GPU kernels), by the profiler."""
   f = jax.jit(fn)
   jax.block_until_ready(f(x, ws[0]))
-  d = tempfile.mkdtemp()
-  with jax.profiler.trace(d):
-    jax.block_until_ready([f(x, ws[i % len(ws)]) for i in range(CALLS)])
-  data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
-  total = mosaic = 0.0
-  for plane in data.planes:
-    if "GPU" not in plane.name:
-      continue
-    for line in plane.lines:
-      for ev in (ev for ev in line.events if "tream" in line.name and "emcpy" not in ev.name):
-        total += ev.duration_ns / 1e3
-        mosaic += ev.duration_ns / 1e3 if "mosaic" in ev.name else 0.0
-  return total / CALLS, mosaic / CALLS
+  by = gpu_us_by_kernel(lambda: [f(x, ws[i % len(ws)]) for i in range(CALLS)], CALLS)
+  return sum(us for us, _ in by.values()), sum(us for name, (us, _) in by.items() if "mosaic" in name)
 
 
 def main() -> None:
