@@ -17,6 +17,7 @@ Usage (from the repository root):
   PYTHONPATH=. python benchmarks/e2e_decode.py [--formats mxfp4,int4_g128_sym+kmajor,...] [--batches 1,8]
   PYTHONPATH=. python benchmarks/e2e_decode.py --tiny    # a small config: a smoke test on a CPU
   PYTHONPATH=. python benchmarks/e2e_decode.py --backend xla    # XLA dequantize-then-dot instead of the kernel
+  PYTHONPATH=. python benchmarks/e2e_decode.py --profile    # also where a decode step's GPU time goes, by kernel
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import header
-from examples.lm import Config, Transformer, decode_tokens_per_s, quantized_copy
+from benchmarks.common import gpu_us_by_kernel, header
+from examples.lm import Config, Transformer, compile_steps, decode_tokens_per_s, quantized_copy
 from lowbit_jax.flax import weight_bytes
 
 FORMATS = ("mxfp4,nvfp4,mxfp8_e4m3,int4_g128_sym,int4_g32_sym,int4_g128_sym+kmajor,int4_g128_sym+prepared,"
@@ -56,6 +57,19 @@ def without_matmuls(model: Transformer) -> Transformer:
   return copy
 
 
+def step_profile(model: Transformer, prompt: jax.Array, new: int, top: int = 6) -> str:
+  """A table row: the GPU time of one decode step of `model` (the loop of `decode_tokens_per_s`, whose compiled
+  steps it reuses), the kernels it launches, and the `top` kernel kinds by time (us per step, launches per step)."""
+  graphdef, state = nnx.split(model)
+  prefill, decode = compile_steps(graphdef)
+  p, steps = prompt.shape[1], new - 1
+  first, cache = prefill(state, prompt, p + new)
+  by = gpu_us_by_kernel(lambda: decode(state, first, cache, p, steps), steps)
+  ranked = sorted(by.items(), key=lambda kv: -kv[1][0])
+  biggest = "; ".join(f"{name[:48]} {us:.1f} ({n:.0f})" for name, (us, n) in ranked[:top])
+  return (f"{sum(us for us, _ in by.values()):.0f} | {sum(n for _, n in by.values()):.0f} | {biggest}")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--formats", default=FORMATS)
@@ -64,8 +78,12 @@ def main() -> None:
   p.add_argument("--new", type=int, default=128)
   p.add_argument("--backend", default=None, help="lowbit_jax.dot_general backend: auto (default), pallas, xla, "
                  "interpret")
+  p.add_argument("--profile", action="store_true", help="after the table, each model's decode step at the first "
+                 "batch by kernel (jax.profiler GPU time)")
   p.add_argument("--tiny", action="store_true", help="small config, batches 1,2, prompt and new 16 (CPU smoke test)")
   a = p.parse_args()
+  if a.profile and jax.devices()[0].platform != "gpu":
+    p.error("--profile reads the GPU's kernel times from jax.profiler: it needs a GPU")
   cfg = CONFIG_TINY if a.tiny else CONFIG_1B
   batches = [1, 2] if a.tiny else [int(b) for b in a.batches.split(",")]
   prompt_len, new = (16, 16) if a.tiny else (a.prompt, a.new)
@@ -76,7 +94,7 @@ def main() -> None:
         f"{prompt_len}, {new} generated tokens (1 prefill + {new - 1} decode steps)\n")
   model = Transformer(cfg, nnx.Rngs(0))
   names = ["bf16"] + a.formats.split(",") + ["no weight matmuls (bound)"]
-  rows = {}
+  rows, profiles = {}, {}
   print("| weights | weight MiB | batch | decode tok/s | vs bf16 | ms / step | prefill ms |")
   print("|---|---|---|---|---|---|---|", flush=True)
   for name in names:  # rows print as they are measured (bf16 first: the ratios need it)
@@ -95,10 +113,17 @@ def main() -> None:
       rows[name, b] = tps
       print(f"| {name} | {mib:.1f} | {b} | {tps:.0f} | {tps / rows['bf16', b]:.2f}x | {b / tps * 1e3:.2f} | "
             f"{t_pre * 1e3:.1f} |", flush=True)
+      if a.profile and b == batches[0]:
+        profiles[name] = step_profile(m, prompt, new)
     del m
     gc.collect()
 
   b1 = min(batches)
+  if profiles:
+    print(f"\nA decode step's GPU time at batch {batches[0]} (jax.profiler over {new - 1} steps; per step):\n\n"
+          "| weights | GPU us / step | kernels / step | biggest kernel kinds, us (launches) |\n|---|---|---|---|")
+    for name, row in profiles.items():
+      print(f"| {name} | {row} |")
   print(f"\nWith free weight matmuls a decode step would still take {b1 / rows[names[-1], b1] * 1e3:.2f} ms at "
         f"batch {b1}: no weight format can beat bf16 by more than {rows[names[-1], b1] / rows['bf16', b1]:.2f}x.")
   best = max((n for n in names if n.startswith(("mxfp4", "int4"))), key=lambda n: rows[n, b1], default=None)
