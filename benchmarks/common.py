@@ -50,10 +50,10 @@ def gpu_us_by_kernel(run: Callable[[], object], calls: int) -> dict[str, tuple[f
   `jax.profiler`, `calls` being how many calls (or decode steps) one run() makes. Names are the profiler's with
   trailing instance numbers dropped, so the launches of one kernel or fusion kind add up. Profiler time, not wall
   time: at a few microseconds per kernel, timing from the host measures the host (BENCHMARKS.md)."""
-  d = tempfile.mkdtemp()
-  with jax.profiler.trace(d):
-    jax.block_until_ready(run())
-  data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      jax.block_until_ready(run())
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
   by = collections.defaultdict(lambda: [0.0, 0])
   for plane in data.planes:
     if "GPU" not in plane.name:

@@ -78,7 +78,7 @@ def main() -> None:
   p.add_argument("--new", type=int, default=128)
   p.add_argument("--backend", default=None, help="lowbit_jax.dot_general backend: auto (default), pallas, xla, "
                  "interpret")
-  p.add_argument("--profile", action="store_true", help="after the table, each model's decode step at the first "
+  p.add_argument("--profile", action="store_true", help="after the table, each model's decode step at the smallest "
                  "batch by kernel (jax.profiler GPU time)")
   p.add_argument("--tiny", action="store_true", help="small config, batches 1,2, prompt and new 16 (CPU smoke test)")
   a = p.parse_args()
@@ -86,6 +86,7 @@ def main() -> None:
     p.error("--profile reads the GPU's kernel times from jax.profiler: it needs a GPU")
   cfg = CONFIG_TINY if a.tiny else CONFIG_1B
   batches = [1, 2] if a.tiny else [int(b) for b in a.batches.split(",")]
+  b1 = min(batches)  # the batch of the summary lines and the profile
   prompt_len, new = (16, 16) if a.tiny else (a.prompt, a.new)
 
   print(header())
@@ -113,14 +114,13 @@ def main() -> None:
       rows[name, b] = tps
       print(f"| {name} | {mib:.1f} | {b} | {tps:.0f} | {tps / rows['bf16', b]:.2f}x | {b / tps * 1e3:.2f} | "
             f"{t_pre * 1e3:.1f} |", flush=True)
-      if a.profile and b == batches[0]:
+      if a.profile and b == b1:
         profiles[name] = step_profile(m, prompt, new)
     del m
     gc.collect()
 
-  b1 = min(batches)
   if profiles:
-    print(f"\nA decode step's GPU time at batch {batches[0]} (jax.profiler over {new - 1} steps; per step):\n\n"
+    print(f"\nA decode step's GPU time at batch {b1} (jax.profiler over {new - 1} steps; per step):\n\n"
           "| weights | GPU us / step | kernels / step | biggest kernel kinds, us (launches) |\n|---|---|---|---|")
     for name, row in profiles.items():
       print(f"| {name} | {row} |")

@@ -25,11 +25,10 @@ import jax.numpy as jnp
 
 import lowbit_jax as lb
 from benchmarks.common import BF16_PEAK, copy_bandwidth, header, time_calls
-from lowbit_jax.dispatch import xla_from_m
+from lowbit_jax.dispatch import mx_mma_pair, xla_from_m
 from pallas_kernels import Config, dequant_matmul
 from pallas_kernels import dequant_gemv_mosaic
 from pallas_kernels.backend import hopper_available
-from pallas_kernels.scaled_matmul_mosaic import mx_supports
 
 DEFAULT_FORMATS = ("mxfp4,nvfp4,int4_g128_sym,int4_g128_asym,int4_g32_sym,mxfp6_e2m3,mxfp6_e3m2,mxfp8_e4m3,"
                    "mxfp8_e5m2,int8_channel_sym")
@@ -211,8 +210,7 @@ def pairs(args) -> None:
         t_x = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend="xla"), qxs, qws)
         t_f = time_calls(lambda a, w, dn=dn, fa=fa: lb.dot_general(a, w, dn, act_format=fa), xs, qws)
         mma = "-"
-        kernel = mx_supports(qxs[0].format, qws[0].format, qxs[0].data.shape[-1], n) is None
-        if label == "(N, K)" and kernel and hopper_available():
+        if label == "(N, K)" and mx_mma_pair(qxs[0], qws[0], dn) and hopper_available():
           mma = f"{t_bf16 / time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend='mosaic'), qxs, qws):.2f}x"
         print(f"| {fa} x {fw} | {label} | {m} | {n} | {k} | {t * 1e6:.0f} | {flops / t / 1e12:.0f} | "
               f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} | {t_fp8 / t:.2f}x | {mma} |",

@@ -82,6 +82,16 @@ def _warn_once(reason: str) -> None:
                   stacklevel=4)
 
 
+def mx_mma_pair(lhs: QArray, rhs: QArray, dimension_numbers) -> bool:
+  """Whether the MX 8-bit pairs' FP8 / int8 MMA kernel (`scaled_matmul_mosaic.mx_matmul`) takes these operands:
+  lhs (..., K) times K-major (N, K) weights, formats as `mx_supports` takes them."""
+  from lowbit_jax.xla import matrix_pair
+  from pallas_kernels.scaled_matmul_mosaic import mx_supports
+  (_, rc), _ = dimension_numbers
+  return (matrix_pair(lhs, rhs, dimension_numbers) and tuple(rc) == (1,)
+          and mx_supports(lhs.format, rhs.format, lhs.data.shape[-1], rhs.shape[0]) is None)
+
+
 def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str | None = None) -> tuple[
     str | None, str | None]:
   """(the backend of the kernel for these two quantized operands and M rows, None if none takes them; why not).
@@ -90,12 +100,9 @@ def pair_kernel(lhs: QArray, rhs: QArray, dimension_numbers, m: int, forced: str
   from lowbit_jax.xla import int8_pair, matrix_pair
   from pallas_kernels.backend import hopper_available, jax_triton_available
   from pallas_kernels.fp8_block_matmul import supports
-  from pallas_kernels.scaled_matmul_mosaic import mx_supports
   if int8_pair(lhs, rhs, dimension_numbers):
     return "pallas", None
-  (_, rc), _ = dimension_numbers
-  if (matrix_pair(lhs, rhs, dimension_numbers) and tuple(rc) == (1,)
-      and mx_supports(lhs.format, rhs.format, lhs.data.shape[-1], rhs.shape[0]) is None):
+  if mx_mma_pair(lhs, rhs, dimension_numbers):
     # MX 8-bit pairs' FP8 / int8 MMA kernel (per-32 promotion) ran at 0.48-0.61x XLA bf16 at M = 2048 and 8192,
     # the exact bfloat16 route at 0.87-0.97x in the same runs (BENCHMARKS.md): `auto` takes that route ("xla" here)
     return ("xla" if forced in (None, "auto") else "mosaic"), None
