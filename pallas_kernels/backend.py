@@ -122,6 +122,21 @@ def register_load(ref, layout) -> jax.Array:
   return plgpu.load(ref, None, layout=layout) if _load_wants_index() else plgpu.load(ref, layout=layout)
 
 
+def warpgroup_barrier() -> None:
+  """In a Mosaic GPU kernel, every warp of the calling warpgroup waits here for the others (`bar.sync` over the
+  warpgroup's 128 threads), their shared-memory reads done. Needed before a warp-specialized pipeline releases a
+  stage's slots: Pallas arrives on the release barrier from one thread of the warpgroup, so another warp could still
+  be loading from a slot that the next TMA copy overwrites."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax.experimental.mosaic import gpu as mgpu
+
+  @plgpu.inline_mgpu()
+  def barrier(_):
+    mgpu.warpgroup_barrier()
+
+  barrier()
+
+
 def program_id(axis: int, *, backend: str):
   """The program's index along grid axis `axis` (`pl.program_id`; the named grid axis of a Mosaic GPU kernel)."""
   if backend.startswith("mosaic"):

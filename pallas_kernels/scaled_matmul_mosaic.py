@@ -112,7 +112,11 @@ def _kernel(a_gmem, sat_gmem, b_gmem, sb_gmem, o_gmem, *, block: int, steps: int
     def first(acc):
       mma(acc, 0)
       return chain(1, acc, total)
-    return pl.run_scoped(first, plgpu.ACC((_WG_ROWS, BLOCK), acc_dtype))
+    total = pl.run_scoped(first, plgpu.ACC((_WG_ROWS, BLOCK), acc_dtype))
+    if not interpret:  # every warp has read this stage's scales before one thread releases its slots (the MX
+      # kernel's last promotion ran late enough, in clusters, to read the next stage's: BENCHMARKS.md)
+      _backend.warpgroup_barrier()
+    return total
 
   def compute(o_smem, mi, ni, eval_pipeline):
     zeros = jnp.zeros((_WG_ROWS, BLOCK), jnp.float32)
@@ -209,13 +213,14 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
 
 
 def mx_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_dtype, backend: str,
-              stages: int = 4, programs: int | None = None) -> jax.Array:
+              stages: int = 4, wgs: int = 2, cluster: tuple[int, int] = (1, 1),
+              programs: int | None = None) -> jax.Array:
   """(M, N) out_dtype: the OCP dot of MX operands, `a` (M, K) with E8M0 scales `sa` (M, K / 32) and K-major `b`
   (N, K) with `sb` (N, K / 32), codes of one dtype: float8_e4m3fn, float8_e5m2 (MXFP8) or int8 (MXINT8, whose
-  elements are the codes times 2^-6). K and N multiples of 128. `backend`, `stages` and `programs` as
-  `fp8_block_matmul`'s; tiles of 128 rows on two compute warpgroups, no clusters. (Three warpgroups spill: a
-  thread holds two 64-register accumulators and the sum. Three warpgroups in column pairs also returned wrong rows
-  on the H100 with persistent programs, not explained: BENCHMARKS.md.)
+  elements are the codes times 2^-6). K and N multiples of 128. `backend`, `stages`, `wgs`, `cluster` and
+  `programs` as `fp8_block_matmul`'s, except that the defaults are fixed: tiles of 128 rows on two compute
+  warpgroups, no clusters, the fastest on the H100 (three warpgroups spill: a thread holds two 64-register
+  accumulators and the sum).
 
   Per 32-deep block the MMAs of the next block run while this one is promoted. On the H100 this ran at 400-440
   TFLOP/s for MXFP8, 0.56-0.61x XLA's bf16 GEMM (the promotion's CUDA-core work and its wait on each block's MMAs):
@@ -232,8 +237,8 @@ def mx_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_d
   """
   power = -6 if jnp.issubdtype(a.dtype, jnp.integer) else 0  # MXINT8: each operand's 2^-6 into its scales
   sa, sb = (jnp.ldexp(s.astype(jnp.float32), power) for s in (sa, sb))
-  return _launch(a, sa, b, sb.T, MX_BLOCK, out_dtype=out_dtype, backend=backend, stages=stages, wgs=2,
-                 cluster=(1, 1), programs=programs)
+  return _launch(a, sa, b, sb.T, MX_BLOCK, out_dtype=out_dtype, backend=backend, stages=stages, wgs=wgs,
+                 cluster=cluster, programs=programs)
 
 
 def mx_supports(lhs, rhs, k: int, n: int) -> str | None:

@@ -336,6 +336,30 @@ def test_block_fp8_mosaic_persistent_programs(m, k, n, wgs, cluster, programs):
   np.testing.assert_array_equal(y, call(scaled_matmul_mosaic.tile_count(m, n, wgs, cluster)))
 
 
+@pytest.mark.skipif(not pallas_kernels.backend.hopper_available(),
+                    reason="clusters and persistent programs run on Hopper only")
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxint8"])
+def test_scaled_mosaic_stages_are_released_after_every_warp_reads_them(fmt):
+  """Pallas releases a pipeline stage from one thread of each compute warpgroup; the kernel's last promotion reads
+  the stage's scales in every warp, so it synchronizes the warpgroup first. Without that, MX pairs on three
+  warpgroups or in clusters returned 16-row groups wrong, different from run to run (H100, BENCHMARKS.md). Each
+  configuration three times: the OCP dot, and bit for bit two warpgroups, no cluster, one program per tile."""
+  from pallas_kernels import scaled_matmul_mosaic
+  m, k, n = 2048, 1024, 4096
+  x, w = operands(m, k, n, seed=2)
+  qa, qw = lb.quantize(x, fmt, axis=1), lb.quantize(w.T, fmt, axis=1)
+  call = lambda wgs, cluster, programs=None: np.asarray(scaled_matmul_mosaic.mx_matmul(
+      qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.float32, backend="mosaic", wgs=wgs, cluster=cluster,
+      programs=programs), np.float64)
+  base = call(2, (1, 1), scaled_matmul_mosaic.tile_count(m, n, 2, (1, 1)))
+  ref, mag = ocp_dot(qa, qw, k_major=True)
+  np.testing.assert_array_less(np.abs(base - ref), 2.0 ** -10 * mag + 1e-30)
+  for wgs, cluster, programs in [(3, (1, 2), None), (3, (1, 2), scaled_matmul_mosaic.tile_count(m, n, 3, (1, 2))),
+                                 (3, (2, 1), None), (2, (1, 2), None)]:
+    for _ in range(3):
+      np.testing.assert_array_equal(call(wgs, cluster, programs), base, err_msg=f"{wgs} wgs, cluster {cluster}")
+
+
 @pytest.mark.parametrize("hopper, triton, m, want", [
     (True, True, 2048, "mosaic"), (True, True, 8192, "mosaic"), (True, True, 65, "mosaic"),
     (True, True, 64, "jax_triton"), (True, False, 16, "mosaic"), (False, True, 8192, "jax_triton"),
