@@ -243,16 +243,21 @@ def test_block_fp8_mosaic_kernel_matches_the_ocp_dot(m, k, n, wgs, cluster):
     ("fp8_block_1x128", "fp8_block_128x128", 130, 4224, 256),
     ("fp8_block_1x128", "fp8_block_128x128", 2048, 1024, 8192),
     ("mxfp8_e4m3", "mxfp8_e4m3", 2048, 1024, 8192), ("mxint8", "mxint8", 130, 512, 256)])
-def test_scaled_mosaic_gpu_code_lowers_on_any_machine(fa, fw, m, k, n, cuda_lowering):
+def test_scaled_mosaic_gpu_code_lowers_on_any_machine(fa, fw, m, k, n, cuda_lowering, monkeypatch):
   """The GPU-only code (the scales' loads in the wgmma layouts, clusters, persistent programs, int8 MMAs) lowered
-  for CUDA on any machine, which catches its Python-side errors where no GPU runs it."""
+  for CUDA on any machine, which catches its Python-side errors where no GPU runs it; its pipeline step ends in the
+  warpgroup barrier that keeps a stage's scales until every warp has read them (the GPU test below)."""
   from pallas_kernels import scaled_matmul_mosaic
+  barriers = []
+  barrier = pallas_kernels.backend.warpgroup_barrier
+  monkeypatch.setattr(pallas_kernels.backend, "warpgroup_barrier", lambda: barriers.append(barrier()))
   x, w = operands(m, k, n)
   mx = fa.startswith("mx")  # (MX weights blocked along K; block FP8's 128 x 128 blocks cover both axes)
   qa, qw = lb.quantize(x, fa, axis=1), (lb.quantize(w.T, fw, axis=1) if mx else lb.quantize(w.T, fw))
   call = scaled_matmul_mosaic.mx_matmul if mx else scaled_matmul_mosaic.fp8_block_matmul
   f = lambda a, sa, b, sb: call(a, sa, b, sb, out_dtype=jnp.bfloat16, backend="mosaic")
   assert "mosaic_gpu" in cuda_lowering(f, qa.data, qa.scale, qw.data, qw.scale)
+  assert barriers
 
 
 @pytest.mark.parametrize("fmt, shape", [  # shape: (batch, M, K, N)
