@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowbit_jax.timing import bench
 
@@ -43,6 +44,21 @@ def time_calls(fn: Callable, xs: Sequence, ws: Sequence) -> float:
   if len(xs) != len(ws):
     raise ValueError("time_calls: one weight set per call")
   return bench(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)], list(xs), list(ws), iters=5) / len(xs)
+
+
+def check(fn: Callable, x, w, a: jax.Array, b: jax.Array) -> str:
+  """What `--check` prints for the call fn(x, w) that a row timed, whose operands dequantize to float32 `a` (M, K)
+  and `b` (K, N): "ok" if two calls give the same bits and every output lies within the rounding the kernels may
+  do of the float32 product a @ b (2^-8 of it for a bfloat16 output, plus 2^-9 of the sum of |products| for
+  weights rounded to bfloat16 before their MMA or FP8 MMAs summing a block in the tensor cores' format), else how
+  many outputs fall outside it and whether the calls differ. A race or a wrong scale is off by the output's own
+  size; these bounds are far looser than the tests' and far tighter than that."""
+  y1, y2 = np.asarray(fn(x, w), np.float64), np.asarray(fn(x, w), np.float64)
+  dot = lambda u, v: np.asarray(jnp.dot(u, v, precision="highest"), np.float64)
+  ref = dot(a, b)
+  wrong = int((~(np.abs(y1 - ref) <= 2.0 ** -8 * np.abs(ref) + 2.0 ** -9 * dot(jnp.abs(a), jnp.abs(b)))).sum())
+  same = np.array_equal(y1, y2, equal_nan=True)
+  return " ".join(["ok" if not wrong else f"{wrong} of {y1.size} wrong", "" if same else "(calls differ)"]).strip()
 
 
 def gpu_us_by_kernel(run: Callable[[], object], calls: int) -> dict[str, tuple[float, float]]:

@@ -11,6 +11,7 @@ Usage:
   python benchmarks/matmul.py --pairs int8_channel_sym:int8_channel_sym,mxfp8_e4m3:mxfp8_e4m3 --ms 2048,8192
   python benchmarks/matmul.py --k-major --ms 1,16,64 [--sweep 2:2:4:2,4:2:4:1]  # K-major weights: the Mosaic kernel
   python benchmarks/matmul.py --k-major --prepared ...   # the same, on weights from lb.prepare
+  python benchmarks/matmul.py --check ...   # and check each timed call's output (`benchmarks.common.check`)
 Shapes are N x K (output features x input features). `--pairs act:weight,...` times matmuls with both operands
 quantized: pre-quantized, and with the activation quantized inside the call (`act_format`), against XLA bf16.
 """
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import lowbit_jax as lb
-from benchmarks.common import BF16_PEAK, copy_bandwidth, header, time_calls
+from benchmarks.common import BF16_PEAK, check, copy_bandwidth, header, time_calls
 from lowbit_jax.dispatch import mx_mma_pair, xla_from_m
 from pallas_kernels import Config, dequant_matmul
 from pallas_kernels import dequant_gemv_mosaic
@@ -75,6 +76,8 @@ def main() -> None:
   p.add_argument("--k-major", action="store_true", help="K-major (N, K) weights: the Mosaic GPU kernel")
   p.add_argument("--prepared", action="store_true",
                  help="with --k-major or --pairs: the kernel reads lb.prepare's layout")
+  p.add_argument("--check", action="store_true",
+                 help="a last column checks the first timed call's output: the same twice, and near the float32 dot")
   args = p.parse_args()
   if args.pairs:
     return pairs(args)
@@ -90,8 +93,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
   else:
     print("| format | M | N | K | kernel us | TFLOP/s | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
-          "vs scaled_dot_general | lb.matmul vs bf16 dot |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "vs scaled_dot_general | lb.matmul vs bf16 dot |" + _check_head(args))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + _check_rule(args))
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
     t_sdg = None
@@ -109,7 +112,8 @@ def main() -> None:
           except Exception as e:  # a config that does not compile (e.g. too much shared memory) is reported
             print(f"| {name} | {m} | {n} | {k} | {cfg} | failed: {type(e).__name__} | |", flush=True)
         continue
-      t_k = time_calls(lambda x, w: lb.matmul(x, w, backend=args.backend), xs, qws)
+      kernel = lambda x, w: lb.matmul(x, w, backend=args.backend)
+      t_k = time_calls(kernel, xs, qws)
       t_x = time_calls(lambda x, w: lb.matmul(x, w, backend="xla"), xs, qws)
       sdg = ""
       if name.startswith("mxfp8_e4m3"):
@@ -122,7 +126,7 @@ def main() -> None:
       t_d = t_x if m >= xla_from_m(lb.get_format(name)) else t_k  # what lb.matmul's dispatch runs on a GPU
       print(f"| {name} | {m} | {n} | {k} | {t_k * 1e6:.1f} | {2 * m * n * k / t_k / 1e12:.1f} | "
             f"{nbytes / t_k / 1e9:.0f} | {floor / t_k:.2f} | {t_bf16 / t_k:.2f}x | {t_x / t_k:.2f}x | {sdg} | "
-            f"{t_bf16 / t_d:.2f}x |", flush=True)
+            f"{t_bf16 / t_d:.2f}x |" + _checked(args, kernel, xs[0], qws[0]), flush=True)
       del qws
 
 
@@ -137,8 +141,8 @@ def k_major(args) -> None:
         "TFLOP/s)\n")
   sweep = [dequant_gemv_mosaic.Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
   print("| format | M | N | K | split:groups:stages:tiles:wgs | kernel us | GB/s | of floor | vs bf16 dot | "
-        "vs dequant+dot | vs lb.matmul, (K, N) weights |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "vs dequant+dot | vs lb.matmul, (K, N) weights |" + _check_head(args))
+  print("|---|---|---|---|---|---|---|---|---|---|---|" + _check_rule(args))
   dn = (((1,), (1,)), ((), ()))
   backend = "mosaic" if args.backend == "pallas" else "mosaic_interpret"
   for n, k, m, xs, bf16_ws in _cases(args):
@@ -152,9 +156,9 @@ def k_major(args) -> None:
       bits = qws[0].format.element_type.bits
       for cfg in sweep or [dequant_gemv_mosaic.default_config(n, k, m, bits)]:
         c = ":".join(map(str, dataclasses.astuple(cfg)))
+        kernel = lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend)
         try:
-          t = time_calls(lambda x, w, cfg=cfg: dequant_gemv_mosaic.dequant_gemv(x, w, config=cfg, backend=backend),
-                         xs, kws)
+          t = time_calls(kernel, xs, kws)
         except ValueError as e:  # a config that does not tile the shape or fit shared memory is reported
           print(f"| {label} | {m} | {n} | {k} | {c} | failed: {e} |", flush=True)
           continue
@@ -166,8 +170,29 @@ def k_major(args) -> None:
           rest = f" {t_x / t:.2f}x | {t_kn / t:.2f}x |"
           del kn
         print(f"| {label} | {m} | {n} | {k} | {c} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {floor / t:.2f} | "
-              f"{t_bf16 / t:.2f}x |{rest or ' | |'}", flush=True)
+              f"{t_bf16 / t:.2f}x |{rest or ' | |'}" + _checked(args, kernel, xs[0], kws[0], k_major=True),
+              flush=True)
       del qws, kws
+
+
+def _check_head(args) -> str:
+  return " check |" if args.check else ""
+
+
+def _check_rule(args) -> str:
+  return "---|" if args.check else ""
+
+
+def _checked(args, fn, x, w, k_major: bool = False) -> str:
+  """With --check, the row's check cell for fn(x, w) (`benchmarks.common.check`): x (M, K) and w (K, N), or (N, K)
+  where `k_major`, arrays, QArrays or prepared weights."""
+  if not args.check:
+    return ""
+  def f32(v):
+    v = v.canonical() if isinstance(v, lb.PreparedWeight) else v
+    return v.astype(jnp.float32) if isinstance(v, jax.Array) else lb.dequantize(v, jnp.float32)
+  b = f32(w)
+  return f" {check(fn, x, w, f32(x), b.T if k_major else b)} |"
 
 
 def pairs(args) -> None:
@@ -181,8 +206,8 @@ def pairs(args) -> None:
   takes the bfloat16 route). With `--prepared`, weights the Mosaic kernel takes also run from `lb.prepare`."""
   print(header())
   print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
-        "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T | MMA kernel vs bf16 |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T | MMA kernel vs bf16 |" + _check_head(args))
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + _check_rule(args))
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = time_calls(jnp.dot, xs, bf16_ws)
     flops = 2 * m * n * k
@@ -206,15 +231,16 @@ def pairs(args) -> None:
         qws = [lb.quantize(w if rc == 0 else w.T, fw, axis=1 if two_d or rc == 1 else 0) for w in bf16_ws]
         qws = [lb.prepare(q) for q in qws] if label.endswith("prepared") else qws
         dn = (((1,), (rc,)), ((), ()))
-        t = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn), qxs, qws)
+        kernel = lambda a, w, dn=dn: lb.dot_general(a, w, dn)
+        t = time_calls(kernel, qxs, qws)
         t_x = time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend="xla"), qxs, qws)
         t_f = time_calls(lambda a, w, dn=dn, fa=fa: lb.dot_general(a, w, dn, act_format=fa), xs, qws)
         mma = "-"
         if label == "(N, K)" and mx_mma_pair(qxs[0], qws[0], dn) and hopper_available():
           mma = f"{t_bf16 / time_calls(lambda a, w, dn=dn: lb.dot_general(a, w, dn, backend='mosaic'), qxs, qws):.2f}x"
         print(f"| {fa} x {fw} | {label} | {m} | {n} | {k} | {t * 1e6:.0f} | {flops / t / 1e12:.0f} | "
-              f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} | {t_fp8 / t:.2f}x | {mma} |",
-              flush=True)
+              f"{t_bf16 / t:.2f}x | {t_bf16 / t_x:.2f}x | {t_bf16 / t_f:.2f}x | {sdg} | {t_fp8 / t:.2f}x | {mma} |"
+              + _checked(args, kernel, qxs[0], qws[0], k_major=rc == 1), flush=True)
         del qws
       del qxs
 
