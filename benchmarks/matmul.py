@@ -206,7 +206,8 @@ def pairs(args) -> None:
   takes the bfloat16 route). With `--prepared`, weights the Mosaic kernel takes also run from `lb.prepare`."""
   print(header())
   print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
-        "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T | MMA kernel vs bf16 |" + _check_head(args))
+        "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T | MMA kernel vs bf16 |"
+        + _check_head(args))
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + _check_rule(args))
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = time_calls(jnp.dot, xs, bf16_ws)

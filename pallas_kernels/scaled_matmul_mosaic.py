@@ -218,9 +218,9 @@ def mx_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_d
   """(M, N) out_dtype: the OCP dot of MX operands, `a` (M, K) with E8M0 scales `sa` (M, K / 32) and K-major `b`
   (N, K) with `sb` (N, K / 32), codes of one dtype: float8_e4m3fn, float8_e5m2 (MXFP8) or int8 (MXINT8, whose
   elements are the codes times 2^-6). K and N multiples of 128. `backend`, `stages`, `wgs`, `cluster` and
-  `programs` as `fp8_block_matmul`'s, except that the defaults are fixed: tiles of 128 rows on two compute
-  warpgroups, no clusters, the fastest on the H100 (three warpgroups spill: a thread holds two 64-register
-  accumulators and the sum).
+  `programs` as `fp8_block_matmul`'s, but `wgs` and `cluster` default to two warpgroups (tiles of 128 rows) and no
+  cluster, the fastest on the H100 (three warpgroups spill: a thread holds two 64-register accumulators and the
+  sum).
 
   Per 32-deep block the MMAs of the next block run while this one is promoted. On the H100 this ran at 400-440
   TFLOP/s for MXFP8, 0.56-0.61x XLA's bf16 GEMM (the promotion's CUDA-core work and its wait on each block's MMAs):
