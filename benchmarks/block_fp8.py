@@ -6,10 +6,12 @@ GPU kernel in its default configuration (`default_config`: what dispatch runs) a
 (K blocks in flight x compute warpgroups x cluster rows x cluster columns [x clusters launched], as `4x3x1x2`;
 4 stages, 2 warpgroups, no cluster and the default launch where left out; 0 clusters launched: one per tile, no
 persistent programs). TFLOP/s and the ratios the issue's targets name (>= 1.5x bf16, >= 0.8x XLA's FP8
-GEMM) are the default configuration's. Activations and weights are quantized before timing.
+GEMM) are the default configuration's. Activations and weights are quantized before timing. `--check` adds a last
+column: each Mosaic configuration's output checked (`benchmarks.common.check`), "ok" or the configurations that fail.
 
 Usage (Hopper):
   PYTHONPATH=. python benchmarks/block_fp8.py [--shapes 8192x8192,28672x8192] [--ms 16,2048,8192] [--configs 4,4x3]
+                                             [--check]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import lowbit_jax as lb
-from benchmarks.common import header, time_calls
+from benchmarks.common import check, header, time_calls
 from pallas_kernels import scaled_matmul_mosaic as mosaic
 from pallas_kernels.backend import jax_triton_available
 from pallas_kernels.fp8_block_matmul import fp8_block_matmul
@@ -34,14 +36,15 @@ def main() -> None:
   p.add_argument("--ms", default="16,2048,8192")
   p.add_argument("--configs", default="",
                  help="more Mosaic configurations: stages[xwarpgroups[xrowsxcolumns[xprograms]]]")
+  p.add_argument("--check", action="store_true", help="check each Mosaic configuration's output (last column)")
   a = p.parse_args()
   configs = [[*map(int, c.split("x"))] for c in a.configs.split(",") if c]
   configs = [tuple(c + [4, 2, 1, 1, -1][len(c):]) for c in configs]  # (stages, warpgroups, rows, columns, programs)
   print(header())
   print("| M | N | K | bf16 us | XLA FP8 us | Triton us | Mosaic default | us | " +
         "".join(f"{'x'.join(map(str, c))} us | " for c in configs) +
-        "Mosaic TFLOP/s | Mosaic vs bf16 | Triton vs bf16 | Mosaic vs XLA FP8 |")
-  print("|---|---|---|---|---|---|---|---|" + "---|" * len(configs) + "---|---|---|---|", flush=True)
+        "Mosaic TFLOP/s | Mosaic vs bf16 | Triton vs bf16 | Mosaic vs XLA FP8 |" + " check |" * a.check)
+  print("|---|---|---|---|---|---|---|---|" + "---|" * (len(configs) + a.check) + "---|---|---|---|", flush=True)
   for shape in a.shapes.split(","):
     n, k = map(int, shape.split("x"))
     for m in map(int, a.ms.split(",")):
@@ -58,16 +61,23 @@ def main() -> None:
       if jax_triton_available():
         t_triton = time_calls(lambda qa, qw: fp8_block_matmul(qa.data, qa.scale, qw.data, qw.scale, n=n, k_major=True,
                                                               backend="jax_triton"), qas, qws)
-      run = lambda **kw: time_calls(lambda qa, qw: mosaic.fp8_block_matmul(
-          qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.bfloat16, backend="mosaic", **kw), qas, qws)
-      t = run()
-      ts = [run(stages=c[0], wgs=c[1], cluster=c[2:4],
-                programs=None if c[4] < 0 else c[4] or mosaic.tile_count(m, n, c[1], c[2:4])) for c in configs]
+      kernel = lambda **kw: lambda qa, qw: mosaic.fp8_block_matmul(
+          qa.data, qa.scale, qw.data, qw.scale, out_dtype=jnp.bfloat16, backend="mosaic", **kw)
+      variants = {"default": {}, **{"x".join(map(str, c)): dict(
+          stages=c[0], wgs=c[1], cluster=c[2:4],
+          programs=None if c[4] < 0 else c[4] or mosaic.tile_count(m, n, c[1], c[2:4])) for c in configs}}
+      t, *ts = [time_calls(kernel(**kw), qas, qws) for kw in variants.values()]
+      checked = ""
+      if a.check:
+        lhs, rhs = lb.dequantize(qas[0], jnp.float32), lb.dequantize(qws[0], jnp.float32).T
+        results = {name: check(kernel(**kw), qas[0], qws[0], lhs, rhs) for name, kw in variants.items()}
+        checked = " " + ("ok" if set(results.values()) == {"ok"} else
+                         "; ".join(f"{name}: {r}" for name, r in results.items() if r != "ok")) + " |"
       wgs, cluster = mosaic.default_config(m, n)
       print(f"| {m} | {n} | {k} | {t_bf16 * 1e6:.0f} | {t_fp8 * 1e6:.0f} | {t_triton * 1e6:.0f} | "
             f"4x{wgs}x{cluster[0]}x{cluster[1]} | {t * 1e6:.0f} | " + "".join(f"{v * 1e6:.0f} | " for v in ts) +
-            f"{2 * m * n * k / t / 1e12:.0f} | {t_bf16 / t:.2f}x | {t_bf16 / t_triton:.2f}x | {t_fp8 / t:.2f}x |",
-            flush=True)
+            f"{2 * m * n * k / t / 1e12:.0f} | {t_bf16 / t:.2f}x | {t_bf16 / t_triton:.2f}x | {t_fp8 / t:.2f}x |"
+            + checked, flush=True)
 
 
 if __name__ == "__main__":
