@@ -183,6 +183,25 @@ def test_quantize_model_rules_and_untouched_layers():
   assert y.shape == ref.shape and float(jnp.max(jnp.abs(y - ref))) < 0.5 * float(jnp.max(jnp.abs(ref)))
 
 
+def test_quantize_model_names_layers_a_hopper_gpu_runs_faster_k_major(monkeypatch):
+  """On a Hopper GPU the summary counts the QLinear layers held (in, out) that its decode kernel takes K-major
+  (a format it decodes, out a multiple of 64, in of 128); with k_major=True, or on any other device, none."""
+  import pallas_kernels.backend
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.up, self.down, self.gate = (nnx.Linear(128, 128, rngs=rngs), nnx.Linear(128, 128, rngs=rngs),
+                                       nnx.Linear(128, 96, rngs=rngs))
+
+  rules = {"up": "mxfp4", "down": "int4_g32_asym", "gate": "int4_g128_sym"}  # (asym ints: no; 96 outputs: no)
+  assert quantize_model(MLP(nnx.Rngs(0)), rules, verbose=False).k_major_faster == (
+      1 if pallas_kernels.backend.hopper_available() else 0)
+  monkeypatch.setattr(pallas_kernels.backend, "hopper_available", lambda: True)
+  report = quantize_model(MLP(nnx.Rngs(0)), rules, verbose=False)
+  assert report.k_major_faster == 1 and "1 QLinear layers hold (in, out) kernels" in str(report)
+  assert quantize_model(MLP(nnx.Rngs(0)), rules, k_major=True, verbose=False).k_major_faster == 0
+
+
 def test_quantize_model_bad_rules_name_rule_and_layer():
   model = TinyLM(nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"rule 'decoder' matches no layer; the layers are: embed, "):

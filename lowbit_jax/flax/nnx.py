@@ -37,6 +37,8 @@ from lowbit_jax.ops import dot_general, einsum
 from lowbit_jax.prepared import PreparedWeight, prepare, unpreparable
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize, quantize
+from pallas_kernels import backend as _backend
+from pallas_kernels.dequant_gemv_mosaic import supports
 
 __all__ = ["QParam", "QLinear", "QLinearGeneral", "QEinsum", "QEmbed", "quantize_model", "prepare_model",
            "QuantizeReport", "LayerReport", "weight_bytes"]
@@ -445,11 +447,14 @@ class LayerReport:
 
 @dataclasses.dataclass
 class QuantizeReport:
-  """What `quantize_model` did: converted and skipped layers, and the model's weight bytes before and after."""
+  """What `quantize_model` did: converted and skipped layers, the model's weight bytes before and after, and
+  `k_major_faster`: the converted QLinear layers held (in, out) that a Hopper GPU would run on its faster decode
+  kernel held K-major (counted on such a GPU only)."""
   converted: list[LayerReport]
   skipped: list[LayerReport]
   bytes_before: int
   bytes_after: int
+  k_major_faster: int = 0
 
   def __str__(self) -> str:
     counts: dict[str, int] = {}
@@ -464,6 +469,9 @@ class QuantizeReport:
       lines.append(f"  ... and {len(self.skipped) - 8} more skipped")
     ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
     lines.append(f"  weights: {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} ({ratio:.2f}x smaller)")
+    if self.k_major_faster:
+      lines.append(f"  {self.k_major_faster} QLinear layers hold (in, out) kernels; on this GPU they run the faster "
+                   "decode kernel held K-major: quantize_model(..., k_major=True), then prepare_model")
     return "\n".join(lines)
 
 
@@ -605,6 +613,8 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
       raise ValueError(f"quantize_model: rule {pattern!r} matches no layer; the layers are: {shown or 'none'}.")
   before = weight_bytes(model)
   converted, skipped = [], []
+  k_major_faster = 0
+  hopper = not (k_major or qat) and _backend.hopper_available()
   for i, (path, layer, report, spec) in enumerate(plan):
     if verbose:
       _progress(i, len(plan), report.path)
@@ -619,9 +629,11 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
     _set_child(model, path, new)
     report.bytes_after = weight_bytes(new)
     converted.append(report)
+    if hopper and cls is QLinear and supports(new.weight_format, new.out_features, new.in_features) is None:
+      k_major_faster += 1
   if verbose:
     _progress(len(plan), len(plan), "")
-  result = QuantizeReport(converted, skipped, before, weight_bytes(model))
+  result = QuantizeReport(converted, skipped, before, weight_bytes(model), k_major_faster)
   if verbose:
     print(result, file=sys.stderr)
   return result
