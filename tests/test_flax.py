@@ -184,8 +184,8 @@ def test_quantize_model_rules_and_untouched_layers():
 
 
 def test_quantize_model_names_layers_a_hopper_gpu_runs_faster_k_major(monkeypatch):
-  """On a Hopper GPU the summary counts the QLinear layers held (in, out) that its decode kernel takes K-major
-  (a format it decodes, out a multiple of 64, in of 128); with k_major=True, or on any other device, none."""
+  """On a Hopper GPU the summary counts the weight-only QLinear layers held (in, out) that its decode kernel takes
+  K-major (a format it decodes, out a multiple of 64, in of 128); with k_major=True, or on any other device, none."""
   import pallas_kernels.backend
 
   class MLP(nnx.Module):
@@ -194,12 +194,14 @@ def test_quantize_model_names_layers_a_hopper_gpu_runs_faster_k_major(monkeypatc
                                        nnx.Linear(128, 96, rngs=rngs))
 
   rules = {"up": "mxfp4", "down": "int4_g32_asym", "gate": "int4_g128_sym"}  # (asym ints: no; 96 outputs: no)
+  pair = {"up": {"weight": "int8_channel_sym", "activation": "int8_channel_sym"}, "down|gate": None}
   assert quantize_model(MLP(nnx.Rngs(0)), rules, verbose=False).k_major_faster == (
       1 if pallas_kernels.backend.hopper_available() else 0)
   monkeypatch.setattr(pallas_kernels.backend, "hopper_available", lambda: True)
   report = quantize_model(MLP(nnx.Rngs(0)), rules, verbose=False)
   assert report.k_major_faster == 1 and "1 QLinear layers hold (in, out) kernels" in str(report)
   assert quantize_model(MLP(nnx.Rngs(0)), rules, k_major=True, verbose=False).k_major_faster == 0
+  assert quantize_model(MLP(nnx.Rngs(0)), pair, verbose=False).k_major_faster == 0  # (A8W8: not the decode kernel)
 
 
 def test_quantize_model_bad_rules_name_rule_and_layer():

@@ -448,8 +448,8 @@ class LayerReport:
 @dataclasses.dataclass
 class QuantizeReport:
   """What `quantize_model` did: converted and skipped layers, the model's weight bytes before and after, and
-  `k_major_faster`: the converted QLinear layers held (in, out) that a Hopper GPU would run on its faster decode
-  kernel held K-major (counted on such a GPU only)."""
+  `k_major_faster`: the converted weight-only QLinear layers held (in, out) that a Hopper GPU would run on its
+  faster decode kernel held K-major (counted on such a GPU only)."""
   converted: list[LayerReport]
   skipped: list[LayerReport]
   bytes_before: int
@@ -629,7 +629,8 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
     _set_child(model, path, new)
     report.bytes_after = weight_bytes(new)
     converted.append(report)
-    if hopper and cls is QLinear and supports(new.weight_format, new.out_features, new.in_features) is None:
+    if (hopper and cls is QLinear and new.activation_format is None  # (weight-only: what the decode kernel runs)
+        and supports(new.weight_format, new.out_features, new.in_features) is None):
       k_major_faster += 1
   if verbose:
     _progress(len(plan), len(plan), "")
