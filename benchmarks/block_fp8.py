@@ -69,8 +69,7 @@ def main() -> None:
       t, *ts = [time_calls(kernel(**kw), qas, qws) for kw in variants.values()]
       checked = ""
       if a.check:
-        lhs, rhs = lb.dequantize(qas[0], jnp.float32), lb.dequantize(qws[0], jnp.float32).T
-        results = {name: check(kernel(**kw), qas[0], qws[0], lhs, rhs) for name, kw in variants.items()}
+        results = {name: check(kernel(**kw), qas[0], qws[0], k_major=True) for name, kw in variants.items()}
         checked = " " + ("ok" if set(results.values()) == {"ok"} else
                          "; ".join(f"{name}: {r}" for name, r in results.items() if r != "ok")) + " |"
       wgs, cluster = mosaic.default_config(m, n)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import lowbit_jax as lb
 from lowbit_jax.timing import bench
 
 BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (REFERENCE section 4)
@@ -46,13 +47,19 @@ def time_calls(fn: Callable, xs: Sequence, ws: Sequence) -> float:
   return bench(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)], list(xs), list(ws), iters=5) / len(xs)
 
 
-def check(fn: Callable, x, w, a: jax.Array, b: jax.Array) -> str:
-  """What `--check` prints for the call fn(x, w) that a row timed, whose operands dequantize to float32 `a` (M, K)
-  and `b` (K, N): "ok" if two calls give the same bits and every output lies within the rounding the kernels may
-  do of the float32 product a @ b (2^-8 of it for a bfloat16 output, plus 2^-9 of the sum of |products| for
-  weights rounded to bfloat16 before their MMA or FP8 MMAs summing a block in the tensor cores' format), else how
-  many outputs fall outside it and whether the calls differ. A race or a wrong scale is off by the output's own
-  size; these bounds are far looser than the tests' and far tighter than that."""
+def check(fn: Callable, x, w, k_major: bool = False) -> str:
+  """What `--check` prints for the call fn(x, w) that a row timed: x (M, K) and w (K, N), or (N, K) where
+  `k_major`, each an array, a QArray or a prepared weight. "ok" if two calls give the same bits and every output
+  lies within the rounding the kernels may do of the float32 product of the dequantized operands (2^-8 of it for a
+  bfloat16 output, plus 2^-9 of the sum of |products| for weights rounded to bfloat16 before their MMA or FP8 MMAs
+  summing a block in the tensor cores' format), else how many outputs fall outside it and whether the calls
+  differ. A race or a wrong scale is off by the output's own size; these bounds are far looser than the tests' and
+  far tighter than that."""
+  def f32(v):
+    v = v.canonical() if isinstance(v, lb.PreparedWeight) else v
+    return v.astype(jnp.float32) if isinstance(v, jax.Array) else lb.dequantize(v, jnp.float32)
+  a, b = f32(x), f32(w)
+  b = b.T if k_major else b
   y1, y2 = np.asarray(fn(x, w), np.float64), np.asarray(fn(x, w), np.float64)
   dot = lambda u, v: np.asarray(jnp.dot(u, v, precision="highest"), np.float64)
   ref = dot(a, b)

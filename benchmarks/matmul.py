@@ -93,8 +93,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
   else:
     print("| format | M | N | K | kernel us | TFLOP/s | GB/s | of floor | vs bf16 dot | vs dequant+dot | "
-          "vs scaled_dot_general | lb.matmul vs bf16 dot |" + _check_head(args))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + _check_rule(args))
+          "vs scaled_dot_general | lb.matmul vs bf16 dot |" + " check |" * args.check)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * args.check)
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = None if sweep else time_calls(jnp.dot, xs, bf16_ws)
     t_sdg = None
@@ -141,8 +141,8 @@ def k_major(args) -> None:
         "TFLOP/s)\n")
   sweep = [dequant_gemv_mosaic.Config(*map(int, c.split(":"))) for c in args.sweep.split(",") if c]
   print("| format | M | N | K | split:groups:stages:tiles:wgs | kernel us | GB/s | of floor | vs bf16 dot | "
-        "vs dequant+dot | vs lb.matmul, (K, N) weights |" + _check_head(args))
-  print("|---|---|---|---|---|---|---|---|---|---|---|" + _check_rule(args))
+        "vs dequant+dot | vs lb.matmul, (K, N) weights |" + " check |" * args.check)
+  print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * args.check)
   dn = (((1,), (1,)), ((), ()))
   backend = "mosaic" if args.backend == "pallas" else "mosaic_interpret"
   for n, k, m, xs, bf16_ws in _cases(args):
@@ -175,24 +175,9 @@ def k_major(args) -> None:
       del qws, kws
 
 
-def _check_head(args) -> str:
-  return " check |" if args.check else ""
-
-
-def _check_rule(args) -> str:
-  return "---|" if args.check else ""
-
-
 def _checked(args, fn, x, w, k_major: bool = False) -> str:
-  """With --check, the row's check cell for fn(x, w) (`benchmarks.common.check`): x (M, K) and w (K, N), or (N, K)
-  where `k_major`, arrays, QArrays or prepared weights."""
-  if not args.check:
-    return ""
-  def f32(v):
-    v = v.canonical() if isinstance(v, lb.PreparedWeight) else v
-    return v.astype(jnp.float32) if isinstance(v, jax.Array) else lb.dequantize(v, jnp.float32)
-  b = f32(w)
-  return f" {check(fn, x, w, f32(x), b.T if k_major else b)} |"
+  """With --check, the row's check cell for fn(x, w) (`benchmarks.common.check`)."""
+  return f" {check(fn, x, w, k_major)} |" if args.check else ""
 
 
 def pairs(args) -> None:
@@ -207,8 +192,8 @@ def pairs(args) -> None:
   print(header())
   print("| act x weight | weights | M | N | K | dispatch us | TFLOP/s | vs bf16 dot | XLA path vs bf16 | "
         "act_format vs bf16 | scaled_dot_general vs bf16 | vs XLA FP8 a @ b.T | MMA kernel vs bf16 |"
-        + _check_head(args))
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + _check_rule(args))
+        + " check |" * args.check)
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * args.check)
   for n, k, m, xs, bf16_ws in _cases(args):
     t_bf16 = time_calls(jnp.dot, xs, bf16_ws)
     flops = 2 * m * n * k

@@ -37,8 +37,6 @@ from lowbit_jax.ops import dot_general, einsum
 from lowbit_jax.prepared import PreparedWeight, prepare, unpreparable
 from lowbit_jax.qarray import QArray
 from lowbit_jax.quantize import dequantize, quantize
-from pallas_kernels import backend as _backend
-from pallas_kernels.dequant_gemv_mosaic import supports
 
 __all__ = ["QParam", "QLinear", "QLinearGeneral", "QEinsum", "QEmbed", "quantize_model", "prepare_model",
            "QuantizeReport", "LayerReport", "weight_bytes"]
@@ -613,8 +611,9 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
       raise ValueError(f"quantize_model: rule {pattern!r} matches no layer; the layers are: {shown or 'none'}.")
   before = weight_bytes(model)
   converted, skipped = [], []
+  from pallas_kernels.backend import hopper_available  # (imported on use: the kernels stay off the flax import)
   k_major_faster = 0
-  hopper = not (k_major or qat) and _backend.hopper_available()
+  count_layout = not (k_major or qat) and hopper_available()
   for i, (path, layer, report, spec) in enumerate(plan):
     if verbose:
       _progress(i, len(plan), report.path)
@@ -629,9 +628,9 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
     _set_child(model, path, new)
     report.bytes_after = weight_bytes(new)
     converted.append(report)
-    if (hopper and cls is QLinear and new.activation_format is None  # (weight-only: what the decode kernel runs)
-        and supports(new.weight_format, new.out_features, new.in_features) is None):
-      k_major_faster += 1
+    if count_layout and cls is QLinear and new.activation_format is None:  # (weight-only: the decode kernel)
+      from pallas_kernels.dequant_gemv_mosaic import supports
+      k_major_faster += supports(new.weight_format, new.out_features, new.in_features) is None
   if verbose:
     _progress(len(plan), len(plan), "")
   result = QuantizeReport(converted, skipped, before, weight_bytes(model), k_major_faster)
