@@ -612,8 +612,9 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
   before = weight_bytes(model)
   converted, skipped = [], []
   from pallas_kernels.backend import hopper_available  # (imported on use: the kernels stay off the flax import)
-  k_major_faster = 0
-  count_layout = not (k_major or qat) and hopper_available()
+  k_major_faster, supports = 0, None  # supports: the decode kernel's check, where (in, out) layers are counted
+  if not (k_major or qat) and hopper_available():
+    from pallas_kernels.dequant_gemv_mosaic import supports
   for i, (path, layer, report, spec) in enumerate(plan):
     if verbose:
       _progress(i, len(plan), report.path)
@@ -628,8 +629,7 @@ def quantize_model(model: nnx.Module, rules: Mapping[str, Spec] | Sequence[tuple
     _set_child(model, path, new)
     report.bytes_after = weight_bytes(new)
     converted.append(report)
-    if count_layout and cls is QLinear and new.activation_format is None:  # (weight-only: the decode kernel)
-      from pallas_kernels.dequant_gemv_mosaic import supports
+    if supports and cls is QLinear and new.activation_format is None:  # (weight-only: the decode kernel)
       k_major_faster += supports(new.weight_format, new.out_features, new.in_features) is None
   if verbose:
     _progress(len(plan), len(plan), "")
