@@ -13,8 +13,8 @@ Backends:
     `lowbit-jax[triton]` extra). It reaches what Pallas's lowering does not expose: FP8 MMAs with Triton's
     default accumulation (REFERENCE section 5). Its kernels have an XLA twin computing the same blocks for CPUs.
 
-Each kernel's public function is a `jax.jit` with its configuration as static arguments, so a model's identical
-calls (one per layer) share one traced, lowered and compiled kernel. Traced per call site, the 1.1B-parameter LM
+Each kernel's public function is jitted with its configuration as static arguments (`jit_op`), so a model's
+identical calls (one per layer) share one traced, lowered and compiled kernel. Traced per call site, the 1.1B-parameter LM
 of examples/lm.py took 66 s to compile its prefill and 50 s its decode loop with int4 weights on an H100; jitted,
 7 s and 5 s (BENCHMARKS.md, "Compile time").
 """
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["BACKENDS", "HOPPER_SMEM", "byte_bits", "call", "div_by", "div_rn", "dot", "fma", "gpu_available",
-           "hopper_available", "in_bounds", "jax_triton_available", "load", "on_gpu", "program_id", "rcp_rn",
-           "sm_count", "store", "tile_mask", "tma_rows", "triton_call"]
+           "hopper_available", "in_bounds", "jax_triton_available", "jit_op", "load", "on_gpu", "program_id",
+           "rcp_rn", "sm_count", "store", "tile_mask", "tma_rows", "triton_call"]
 
 BACKENDS = ("triton", "interpret", "mosaic", "mosaic_interpret")
 HOPPER_SMEM = 227 * 1024  # bytes of shared memory one thread block may take on Hopper (the Mosaic GPU kernels)
@@ -51,6 +51,27 @@ def _compiler_params(backend: str, num_warps: int, num_stages: int) -> Any:
   # JAX 0.10 and 0.11 both expose the Triton params here; older names are not supported.
   from jax.experimental.pallas import triton as pltriton
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def jit_op(*static_argnames: str) -> Callable[[Callable], Callable]:
+  """Decorator for a kernel's public function: `jax.jit` with `static_argnames` static, one trace cache per value
+  of POISON (which tests flip, and which a cached trace would otherwise carry into calls made under the other)."""
+  def wrap(fn: Callable) -> Callable:
+    def traced(_):  # a distinct function per POISON value: jit's trace cache is keyed by the function
+      @functools.wraps(fn)
+      def f(*args, **kwargs):
+        return fn(*args, **kwargs)
+      return jax.jit(f, static_argnames=static_argnames)
+
+    jitted = {poison: traced(poison) for poison in (False, True)}
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+      return jitted[POISON](*args, **kwargs)
+
+    return op
+
+  return wrap
 
 
 def call(kernel: Callable, *, backend: str, out_shape, grid, in_specs, out_specs, num_warps: int = 4,

@@ -95,7 +95,7 @@ def _kernel(pos_ref, cos_ref, sin_ref, q_ref, knew_ref, vnew_ref, k_ref, v_ref, 
   out_ref[...] = (acc / l).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("n_heads", "backend", "chunk", "num_warps"))
+@_backend.jit_op("n_heads", "backend", "chunk", "num_warps")
 def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cos: jax.Array, sin: jax.Array,
                      pos, *, n_heads: int, backend: str = "triton", chunk: int | None = None,
                      num_warps: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:

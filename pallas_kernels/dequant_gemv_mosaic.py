@@ -751,7 +751,7 @@ def _kernel(w_gmem, s_gmem, x_gmem, *refs, code: str, block: int, win: int, step
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config", "partials", "swiglu"))
+@_backend.jit_op("out_dtype", "backend", "config", "partials", "swiglu")
 def dequant_gemv(x: jax.Array, w: QArray | PreparedWeight, *, out_dtype=None, backend: str = "mosaic",
                  config: Config | None = None, partials: bool = False, swiglu: bool = False) -> jax.Array:
   """x (M, K) @ dequantize(w).T with w a K-major (N, K) QArray blocked along axis 1, or the same weight prepared

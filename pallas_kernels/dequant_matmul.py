@@ -175,7 +175,7 @@ def _kernel(*refs, fmt: Format, group: int, cfg: Config, m: int, n: int, k_total
   _backend.store(o_ref, acc.astype(o_ref.dtype), _backend.tile_mask(row_ok, col_ok, (bm, bn)), backend=backend)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config"))
+@_backend.jit_op("out_dtype", "backend", "config")
 def dequant_matmul(x: jax.Array, w: QArray, *, out_dtype=None, backend: str = "triton",
                    config: Config | None = None) -> jax.Array:
   """x (M, K) @ dequantize(w) with w a (K, N) QArray blocked along axis 0; float32 accumulation.

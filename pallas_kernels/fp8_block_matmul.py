@@ -17,7 +17,6 @@ product exactly in float32 and promotes it the same way.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +61,7 @@ def supports(lhs: Format, rhs: Format) -> str | None:
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("n", "k_major", "out_dtype", "backend", "config"))
+@_backend.jit_op("n", "k_major", "out_dtype", "backend", "config")
 def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, n: int, k_major: bool,
                      out_dtype=jnp.bfloat16, backend: str = "jax_triton",
                      config: Fp8BlockConfig | None = None) -> jax.Array:

@@ -55,7 +55,7 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, cfg: Int8Config, m: int, n: 
   _backend.store(o_ref, y.astype(o_ref.dtype), mask, backend=backend)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config"))
+@_backend.jit_op("out_dtype", "backend", "config")
 def int8_matmul(x: jax.Array, sx: jax.Array, w: jax.Array, sw: jax.Array, *, out_dtype=jnp.bfloat16,
                 backend: str = "triton", config: Int8Config | None = None) -> jax.Array:
   """(x @ w.T) * sx * sw.T for int8 x (M, K), w (N, K) and per-row scales sx (M, 1), sw (N, 1); (M, N) out_dtype.

@@ -264,8 +264,7 @@ def _quantize_kernel(*refs, fmt: Format, mode: str, rows: int, backend: str):
   _backend.store(s_ref, sbits, _row_mask(br, rows, sbits.shape), backend=backend)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "scale_mode", "backend", "block_rows", "block_cols",
-                                             "num_warps"))
+@_backend.jit_op("fmt", "scale_mode", "backend", "block_rows", "block_cols", "num_warps")
 def quantize_rows(x: jax.Array, fmt: str | Format, tensor_scale: jax.Array | None = None, *,
                   scale_mode: str = "floor", backend: str = "triton", block_rows: int | None = None,
                   block_cols: int = 1024,
@@ -367,7 +366,7 @@ def _dequantize_kernel(*refs, fmt: Format, rows: int, backend: str):
   _backend.store(o_ref, out, _row_mask(br, rows, out.shape), backend=backend)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "dtype", "backend", "block_rows", "block_cols", "num_warps"))
+@_backend.jit_op("fmt", "dtype", "backend", "block_rows", "block_cols", "num_warps")
 def dequantize_rows(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=jnp.bfloat16,
                     tensor_scale: jax.Array | None = None, *, backend: str = "triton", block_rows: int = 4,
                     block_cols: int = 1024, num_warps: int = 4) -> jax.Array:
@@ -437,7 +436,7 @@ def _dequantize_cols_kernel(*refs, fmt: Format, rows: int, cols: int, backend: s
                    idx=... if p == 1 else (slice(None), j, slice(None)))
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "dtype", "backend", "block_rows", "block_cols", "num_warps"))
+@_backend.jit_op("fmt", "dtype", "backend", "block_rows", "block_cols", "num_warps")
 def dequantize_cols(data: jax.Array, scale: jax.Array, fmt: str | Format, dtype=jnp.bfloat16,
                     tensor_scale: jax.Array | None = None, zero_point: jax.Array | None = None, *,
                     backend: str = "triton", block_rows: int = 32, block_cols: int = 256,

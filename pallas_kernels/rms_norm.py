@@ -45,7 +45,7 @@ def _kernel(x_ref, s_ref, scale_ref, h_ref, y_ref, *, n: int, eps: float, backen
   _backend.store(y_ref, (hf * mul).astype(dtype), ok, backend=backend)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "backend", "num_warps"))
+@_backend.jit_op("eps", "backend", "num_warps")
 def add_rms_norm(x: jax.Array, summands: jax.Array, scale: jax.Array, *, eps: float = 1e-6,
                  backend: str = "triton", num_warps: int = 16) -> tuple[jax.Array, jax.Array]:
   """(h, y): h = x + the summands' sum (rounded to x's dtype), y = RMSNorm(h) with `scale` (module docstring).

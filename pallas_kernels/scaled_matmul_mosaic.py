@@ -196,7 +196,7 @@ def default_programs(units: int, steps: int, stages: int, cluster: tuple[int, in
   return programs if persistent else units
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "stages", "wgs", "cluster", "programs"))
+@_backend.jit_op("out_dtype", "backend", "stages", "wgs", "cluster", "programs")
 def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_dtype, backend: str,
                      stages: int = 4, wgs: int | None = None, cluster: tuple[int, int] | None = None,
                      programs: int | None = None) -> jax.Array:
@@ -213,7 +213,7 @@ def fp8_block_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *
                  wgs=wgs, cluster=cluster, programs=programs)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "stages", "wgs", "cluster", "programs"))
+@_backend.jit_op("out_dtype", "backend", "stages", "wgs", "cluster", "programs")
 def mx_matmul(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, out_dtype, backend: str,
               stages: int = 4, wgs: int = 2, cluster: tuple[int, int] = (1, 1),
               programs: int | None = None) -> jax.Array:
