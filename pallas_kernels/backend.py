@@ -14,9 +14,9 @@ Backends:
     default accumulation (REFERENCE section 5). Its kernels have an XLA twin computing the same blocks for CPUs.
 
 Each kernel's public function is jitted with its configuration as static arguments (`jit_op`), so a model's
-identical calls (one per layer) share one traced, lowered and compiled kernel. Traced per call site, the 1.1B-parameter LM
-of examples/lm.py took 66 s to compile its prefill and 50 s its decode loop with int4 weights on an H100; jitted,
-7 s and 5 s (BENCHMARKS.md, "Compile time").
+identical calls (one per layer) share one traced, lowered and compiled kernel. Traced per call site instead, the
+1.1B-parameter LM of examples/lm.py with int4 weights took 66 s to compile its prefill and 50 s its decode loop on
+an H100; jitted, about 9 s and 6 s (BENCHMARKS.md, "Compile time").
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ def jit_op(*static_argnames: str) -> Callable[[Callable], Callable]:
   """Decorator for a kernel's public function: `jax.jit` with `static_argnames` static, one trace cache per value
   of POISON (which tests flip, and which a cached trace would otherwise carry into calls made under the other)."""
   def wrap(fn: Callable) -> Callable:
-    def traced(_):  # a distinct function per POISON value: jit's trace cache is keyed by the function
+    def traced():  # a new function each time: jit's trace cache is keyed by the function
       @functools.wraps(fn)
       def f(*args, **kwargs):
         return fn(*args, **kwargs)
       return jax.jit(f, static_argnames=static_argnames)
 
-    jitted = {poison: traced(poison) for poison in (False, True)}
+    jitted = {poison: traced() for poison in (False, True)}
 
     @functools.wraps(fn)
     def op(*args, **kwargs):
