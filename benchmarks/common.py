@@ -55,8 +55,7 @@ def check(fn: Callable, x, w, k_major: bool = False) -> str:
   summing a block in the tensor cores' format), else how many outputs fall outside it and whether the calls
   differ. A race or a wrong scale is off by the output's own size; these bounds are far looser than the tests' and
   far tighter than that."""
-  def f32(v):
-    v = v.canonical() if isinstance(v, lb.PreparedWeight) else v
+  def f32(v):  # (lb.dequantize takes QArrays and prepared weights alike)
     return v.astype(jnp.float32) if isinstance(v, jax.Array) else lb.dequantize(v, jnp.float32)
   a, b = f32(x), f32(w)
   b = b.T if k_major else b
